@@ -1,0 +1,31 @@
+"""selabel_tf: SeLa self-labelling in TensorFlow/Keras 3."""
+
+import setuptools
+
+setuptools.setup(
+    name="selabel_tf",
+    version="0.1.0",
+    description=("Self-labelling via simultaneous clustering and representation learning "
+                 "(Asano, Rupprecht, Vedaldi, ICLR 2020) in TensorFlow/Keras 3"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.14",
+    packages=setuptools.find_packages(include=["selabel_tf", "selabel_tf.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.10,<4",
+        "tensorflow-datasets>=4.9,<5",
+        "numpy>=1.26,<3",
+        "absl-py>=2.1,<3",
+        "psutil>=5.9",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "scipy>=1.11",
+            "scikit-learn>=1.4",
+            "pot>=0.9.4",
+        ],
+    },
+)
