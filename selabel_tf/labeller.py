@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOL = 1e-2
 DEFAULT_MAX_ITERS = 2000
 BALANCE_MODES = ("argmax", "exact")
-_CHUNK_BYTES = 1 << 26  # log-probs are read and converted in chunks of about 64 MiB
 _CANDIDATES = 8  # clusters per example kept for the exact-equipartition rounding
 
 
@@ -90,16 +89,16 @@ def assign_labels(log_probs: LogProbs,
   Args:
     log_probs: float [T, N, K] (numpy or tensor), or a sequence of T arrays [N, K_t] when heads differ
       in K. Log-probabilities from the network (logits work too: a per-example shift is absorbed into
-      beta). Read in chunks; any object with `.shape` and row slicing works.
+      beta). Read in row chunks, a few times; any object with `.shape` and row slicing works.
     lam: lambda of eq. 7 (> 0); larger is closer to the exact transport problem and slower.
     tol: stop once every cluster's soft size is within this fraction of N/K.
     max_iters: at most this many iterations per head.
     warm_start: a previous `LabelAssignment`, or a sequence of T log alpha vectors [K_t]
-      (paper sec. 3.1: alpha and beta can be retained between steps).
+      (paper sec. 3.1: alpha and beta can be retained between steps; beta follows from alpha).
     balance: "argmax" (the paper: argmax of Q) or "exact" (cluster sizes floor(N/K) or ceil(N/K)).
     dtype: "float32" or "float64", the precision of the iteration.
-    storage_dtype: dtype of the stored P^lam; defaults to `dtype`. "float16"/"bfloat16" halve the bytes
-      read per iteration.
+    storage_dtype: dtype of the stored kernel P^lam; defaults to `dtype`. "float16"/"bfloat16" halve
+      the bytes read per iteration.
     log_every: log progress (and check for a stop) every this many iterations.
 
   Returns:
@@ -111,37 +110,18 @@ def assign_labels(log_probs: LogProbs,
   """
   heads = _as_heads(log_probs)
   dtype, storage_dtype = _check_options(lam, tol, max_iters, balance, dtype, storage_dtype, log_every)
-  init_log_alpha = _warm_start_vectors(warm_start, heads)
-
-  # Pass 1 over every head before any solving, so bad input fails fast and names the head.
-  shifts = []
-  for t, head in enumerate(heads):
-    col_shift, row_shift, nonfinite = _shift_statistics(head, dtype)
-    if nonfinite:
-      raise ValueError(f"log_probs head {t} has {nonfinite} non-finite entries (NaN or inf) among "
-                       f"{head.shape[0] * head.shape[1]}; self-labelling needs finite log-probabilities")
-    shifts.append((col_shift, row_shift))
-
+  init_log_alpha = _warm_start_vectors(warm_start, [h.shape for h in heads])
+  device_type = _device_type(tf.zeros([]))
+  solvers = [_LocalHead(head, lam, dtype, storage_dtype, device_type) for head in heads]
+  # The first kernel statistics of every head come before any solving: bad input fails fast.
+  for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
+    solver.check_finite(t, log_alpha)
   results = []
-  for t, (head, (col_shift, row_shift)) in enumerate(zip(heads, shifts)):
-    num_examples, num_clusters = head.shape
-    power = _power_matrix(head, col_shift, row_shift, lam, dtype, storage_dtype)
-    row_scale = _initial_row_scale(init_log_alpha[t], row_shift, lam, num_clusters, dtype)
-    row_scale, col_scale, iterations, error = _solve(power, row_scale, tol, max_iters, log_every,
-                                                     f"head {t + 1}/{len(heads)}")
-    if balance == "argmax":
-      labels = sinkhorn.argmax_labels(power, row_scale).numpy()
-    else:
-      labels = _exact_equipartition(power, row_scale, col_scale)
-    log_alpha = np.log(row_scale.numpy().astype(np.float64)) - lam * row_shift.numpy()
-    log_beta = np.log(col_scale.numpy().astype(np.float64)) - lam * col_shift.numpy()
-    results.append((labels, log_alpha, log_beta, iterations, error))
-    del power
-
-  labels, log_alpha, log_beta, iterations, errors = zip(*results)
-  return LabelAssignment(labels=np.stack(labels).astype(np.int64), log_row_scale=tuple(log_alpha),
-                         log_col_scale=tuple(log_beta), iterations=np.asarray(iterations),
-                         marginal_error=np.asarray(errors, np.float64), tol=tol)
+  for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
+    results.append(_run(solver, log_alpha, tol, max_iters, log_every, f"head {t + 1}/{len(heads)}",
+                        balance))
+    solver.release()
+  return _assignment(results, tol)
 
 
 def assign_labels_sharded(strategy: tf.distribute.Strategy,
@@ -156,9 +136,9 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
                           log_every: int = 100) -> LabelAssignment:
   """`assign_labels` with the examples sharded over the replicas of `strategy`.
 
-  Each replica keeps its slice of the columns of P^lam on its own device; per iteration only the [K]
-  row sums are all-reduced (`strategy.reduce`), so this scales to several devices and workers. Call it
-  in cross-replica context (e.g. from a Keras callback), not inside `strategy.run`.
+  Each replica keeps its slice of the kernel on its own device; per iteration only the [K] row sums
+  are all-reduced (`strategy.reduce`), so this scales to several devices and workers. Call it in
+  cross-replica context (e.g. from a Keras callback), not inside `strategy.run`.
 
   Args:
     strategy: the `tf.distribute.Strategy` holding the shards.
@@ -167,68 +147,237 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
     lam, tol, max_iters, warm_start, dtype, storage_dtype, log_every: as in `assign_labels`.
 
   Returns:
-    A `LabelAssignment` over all N examples, concatenated in replica order (exact equipartition
-    rounding is not available sharded: the argmax of Q is returned).
+    A `LabelAssignment` over all N examples, concatenated in replica order (the argmax of Q; exact
+    equipartition rounding is single-device only).
   """
   dtype, storage_dtype = _check_options(lam, tol, max_iters, "argmax", dtype, storage_dtype, log_every)
-  local = strategy.experimental_local_results(per_replica_log_probs)
-  num_heads = len(_as_heads(local[0]))
-  head_shapes = [h.shape for h in _as_heads(local[0])]
-  init_log_alpha = _warm_start_vectors(warm_start, head_shapes)
-  lam_t = tf.constant(lam, dtype)
-  probe = tf.zeros([], storage_dtype)
-
-  def replica_head(values, t):
-    return _as_heads(values)[t]
-
+  local_heads = _as_heads(strategy.experimental_local_results(per_replica_log_probs)[0])
+  solvers = [_ShardedHead(strategy, per_replica_log_probs, t, lam, dtype, storage_dtype)
+             for t in range(len(local_heads))]
+  init_log_alpha = _warm_start_vectors(warm_start, [(s.num_examples, s.num_clusters) for s in solvers])
+  for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
+    solver.check_finite(t, log_alpha)
   results = []
-  for t in range(num_heads):
-    stats = strategy.run(lambda v, t=t: sinkhorn.shift_stats(tf.cast(replica_head(v, t), dtype)),
-                         args=(per_replica_log_probs,))
-    col_shift, row_max, nonfinite = stats
-    num_nonfinite = int(strategy.reduce(tf.distribute.ReduceOp.SUM, nonfinite, axis=None))
-    if num_nonfinite:
-      raise ValueError(f"log_probs head {t} has {num_nonfinite} non-finite entries (NaN or inf); "
-                       "self-labelling needs finite log-probabilities")
-    row_shift = tf.reduce_max(strategy.gather(
-        strategy.run(lambda m: m[None, :], args=(row_max,)), axis=0), axis=0)
-    num_examples = int(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(
-        lambda v, t=t: tf.shape(replica_head(v, t), out_type=tf.int64)[0],
-        args=(per_replica_log_probs,)), axis=None))
-    num_clusters = int(row_shift.shape[0])
-    _check_sizes(num_examples, num_clusters, t)
-    power = strategy.run(
-        lambda v, a, t=t: sinkhorn.shifted_power(replica_head(v, t), a, row_shift, lam_t, probe),
-        args=(per_replica_log_probs, col_shift))
-    blocking = [sinkhorn.default_blocking(int(p.shape[0]), num_clusters, storage_dtype, _device_type(p))
-                for p in strategy.experimental_local_results(power)]
-    one_pass = _pass_for(*blocking[0])
+  for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
+    results.append(_run(solver, log_alpha, tol, max_iters, log_every,
+                        f"sharded head {t + 1}/{len(solvers)}", "argmax"))
+    solver.release()
+  return _assignment(results, tol)
 
-    row_scale = _initial_row_scale(init_log_alpha[t], row_shift, lam, num_clusters, dtype)
-    inv_n = tf.constant(1.0 / num_examples, dtype)
-    inv_k = 1.0 / num_clusters
-    error = math.inf
-    for iteration in range(1, max_iters + 1):
-      col_scale, row_sums = strategy.run(one_pass, args=(power, row_scale, inv_n))
-      total = strategy.reduce(tf.distribute.ReduceOp.SUM, row_sums, axis=None)
-      error = float(sinkhorn.row_marginal_error(row_scale, total))
-      if error <= tol or iteration == max_iters:
-        break
-      row_scale = inv_k / tf.maximum(total, np.finfo(dtype).tiny)
-      if iteration % log_every == 0:
-        logger.info("sharded head %d/%d: iteration %d, marginal error %.3g", t + 1, num_heads,
-                    iteration, error)
-    labels = strategy.gather(strategy.run(sinkhorn.argmax_labels, args=(power, row_scale)), axis=0)
-    col_scale = strategy.gather(col_scale, axis=0)
-    col_shift = strategy.gather(col_shift, axis=0)
-    log_alpha = np.log(row_scale.numpy().astype(np.float64)) - lam * row_shift.numpy()
-    log_beta = np.log(col_scale.numpy().astype(np.float64)) - lam * col_shift.numpy()
-    results.append((labels.numpy(), log_alpha, log_beta, iteration, error))
 
+# Spread of log r (nats) past which the kernel is re-centred: about half the storage dtype's range
+# below 1, so that entries that underflowed cannot yet matter.
+_ABSORB_LIMIT = {"float16": 8.0, "bfloat16": 40.0, "float32": 40.0, "float64": 300.0}
+
+
+def _run(solver, log_alpha, tol, max_iters, log_every, name, balance):
+  """The Sinkhorn loop shared by the local and sharded solvers, with absorption and progress logs.
+
+  Returns:
+    (labels [N], log alpha [K], log beta [N], iterations, marginal error).
+  """
+  num_clusters = solver.num_clusters
+  if log_alpha is None:
+    log_alpha = np.zeros(num_clusters)
+  solver.build_kernel(log_alpha)
+  uniform = tf.fill([num_clusters], tf.constant(1.0 / num_clusters, solver.dtype))
+  row_scale, done, absorptions = uniform, 0, 0
+  limit = _ABSORB_LIMIT[solver.storage_dtype]
+  while True:
+    used, next_row_scale, col_scale, iterations, error = solver.iterate(
+        row_scale, min(log_every, max_iters - done), tol, limit)
+    done += iterations
+    if error <= tol or done >= max_iters:
+      break
+    if float(sinkhorn.log_spread(next_row_scale)) > limit:
+      # Fold r into log alpha and rebuild the kernel around it; continue from a uniform r.
+      log_alpha = np.log(next_row_scale.numpy().astype(np.float64)) - solver.row_offset
+      log_alpha -= log_alpha.max()
+      solver.build_kernel(log_alpha)
+      row_scale = uniform
+      absorptions += 1
+    else:
+      row_scale = next_row_scale
+    logger.info("Sinkhorn %s: iteration %d, marginal error %.3g (tol %g)", name, done, error, tol)
+  logger.log(logging.INFO if error <= tol else logging.WARNING,
+             "Sinkhorn %s: %s after %d iterations (%d re-centrings), marginal error %.3g (tol %g)",
+             name, "converged" if error <= tol else "stopped at max_iters", done, absorptions, error, tol)
+  if balance == "argmax":
+    labels = solver.argmax_labels(used)
+  else:
+    labels = solver.exact_equipartition(used, col_scale)
+  log_alpha = np.log(used.numpy().astype(np.float64)) - solver.row_offset
+  log_beta = np.log(col_scale.numpy().astype(np.float64)) - solver.col_offset
+  return labels, log_alpha, log_beta, done, error
+
+
+def _assignment(results, tol):
   labels, log_alpha, log_beta, iterations, errors = zip(*results)
   return LabelAssignment(labels=np.stack(labels).astype(np.int64), log_row_scale=tuple(log_alpha),
                          log_col_scale=tuple(log_beta), iterations=np.asarray(iterations),
                          marginal_error=np.asarray(errors, np.float64), tol=tol)
+
+
+class _LocalHead:
+  """One head's kernel on the current device, as a tuple of row chunks."""
+
+  def __init__(self, head, lam, dtype, storage_dtype, device_type):
+    self.head = head
+    self.num_examples, self.num_clusters = (int(d) for d in head.shape)
+    self.dtype, self.storage_dtype = dtype, storage_dtype
+    self.lam = tf.constant(lam, dtype)
+    self.bounds, self.block_rows = sinkhorn.plan_chunks(self.num_examples, self.num_clusters,
+                                                        storage_dtype, device_type)
+    self._stats = None
+    self.power = None
+
+  def _chunks(self):
+    for start, stop in zip(self.bounds[:-1], self.bounds[1:]):
+      yield start, stop, tf.cast(tf.convert_to_tensor(self.head[start:stop]), self.dtype)
+
+  def _kernel_stats(self, log_alpha):
+    log_alpha_t = tf.constant(log_alpha, self.dtype)
+    col_offsets, row_max, nonfinite = [], None, 0
+    for _, _, chunk in self._chunks():
+      col_offset, chunk_row_max, bad = sinkhorn.kernel_stats(chunk, self.lam, log_alpha_t)
+      col_offsets.append(col_offset)
+      row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
+      nonfinite += int(bad)
+    return tf.concat(col_offsets, 0), row_max - log_alpha_t, nonfinite
+
+  def check_finite(self, head_index, log_alpha):
+    log_alpha = np.zeros(self.num_clusters) if log_alpha is None else log_alpha
+    self._stats = (log_alpha, self._kernel_stats(log_alpha))
+    _raise_if_nonfinite(self._stats[1][2], head_index, self.num_examples * self.num_clusters)
+
+  def build_kernel(self, log_alpha):
+    if self._stats is not None and np.array_equal(self._stats[0], log_alpha):
+      col_offset, row_offset, _ = self._stats[1]
+    else:
+      col_offset, row_offset, _ = self._kernel_stats(log_alpha)
+    self._stats = None
+    self.power = None  # the old kernel goes before the new one is built
+    probe = tf.zeros([], self.storage_dtype)
+    self.power = tuple(
+        sinkhorn.kernel_chunk(chunk, self.lam, col_offset[start:stop], row_offset, probe)
+        for start, stop, chunk in self._chunks())
+    self.col_offset = col_offset.numpy().astype(np.float64)
+    self.row_offset = row_offset.numpy().astype(np.float64)
+
+  def iterate(self, row_scale, max_iters, tol, absorb_limit):
+    solve = _solver_for(self.block_rows)
+    used, next_row_scale, col_scale, iterations, error = solve(
+        self.power, row_scale, tf.constant(max_iters), tf.constant(tol, self.dtype),
+        tf.constant(absorb_limit, self.dtype))
+    return used, next_row_scale, col_scale, int(iterations), float(error)
+
+  def argmax_labels(self, row_scale):
+    return sinkhorn.argmax_labels(self.power, row_scale).numpy()
+
+  def exact_equipartition(self, row_scale, col_scale):
+    return _exact_equipartition(self.power, self.bounds, row_scale, col_scale)
+
+  def release(self):
+    self.power = None
+
+
+class _ShardedHead:
+  """One head's kernel sharded over the replicas of a strategy: each replica holds its rows."""
+
+  def __init__(self, strategy, per_replica_log_probs, head_index, lam, dtype, storage_dtype):
+    self.strategy = strategy
+    self.dtype, self.storage_dtype = dtype, storage_dtype
+    self.lam = tf.constant(lam, dtype)
+    self.values = strategy.run(lambda v: tf.cast(_as_heads(v)[head_index], dtype),
+                               args=(per_replica_log_probs,))
+    local = strategy.experimental_local_results(self.values)
+    self.num_clusters = int(local[0].shape[1])
+    self.num_examples = int(self._sum(strategy.run(lambda v: tf.shape(v, out_type=tf.int64)[0],
+                                                   args=(self.values,))))
+    _check_sizes(self.num_examples, self.num_clusters, head_index)
+    # Each replica's slice is one chunk: the replicas are the parallel units here.
+    self.block_rows = max(int(v.shape[0]) for v in local)
+    self._stats = None
+    self.power = None
+
+  def _sum(self, per_replica):
+    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+  def _kernel_stats(self, log_alpha):
+    log_alpha_t = tf.constant(log_alpha, self.dtype)
+    col_offset, row_max, nonfinite = self.strategy.run(
+        sinkhorn.kernel_stats, args=(self.values, self.lam, log_alpha_t))
+    # strategy.reduce has no MAX: gather the [K] maxima of all replicas and reduce here.
+    stacked = self.strategy.gather(self.strategy.run(lambda m: m[None, :], args=(row_max,)), axis=0)
+    row_offset = tf.reduce_max(stacked, axis=0) - log_alpha_t
+    return col_offset, row_offset, int(self._sum(nonfinite))
+
+  def check_finite(self, head_index, log_alpha):
+    log_alpha = np.zeros(self.num_clusters) if log_alpha is None else log_alpha
+    self._stats = (log_alpha, self._kernel_stats(log_alpha))
+    _raise_if_nonfinite(self._stats[1][2], head_index, self.num_examples * self.num_clusters)
+
+  def build_kernel(self, log_alpha):
+    if self._stats is not None and np.array_equal(self._stats[0], log_alpha):
+      col_offset, row_offset, _ = self._stats[1]
+    else:
+      col_offset, row_offset, _ = self._kernel_stats(log_alpha)
+    self._stats = None
+    self.power = None
+    probe = tf.zeros([], self.storage_dtype)
+    self.power = self.strategy.run(
+        lambda v, a: (sinkhorn.kernel_chunk(v, self.lam, a, row_offset, probe),),
+        args=(self.values, col_offset))
+    self._col_offset = col_offset
+    self.row_offset = row_offset.numpy().astype(np.float64)
+
+  @property
+  def col_offset(self):
+    return self.strategy.gather(self._col_offset, axis=0).numpy().astype(np.float64)
+
+  def iterate(self, row_scale, max_iters, tol, absorb_limit):
+    """Iterations with one [K] all-reduce each (a python loop: each step crosses replicas)."""
+    one_pass = _pass_for(self.block_rows)
+    inv_n = tf.constant(1.0 / self.num_examples, self.dtype)
+    inv_k = 1.0 / self.num_clusters
+    tiny = np.finfo(self.dtype).tiny
+    error, used = math.inf, row_scale
+    for iteration in range(1, max_iters + 1):
+      used = row_scale
+      col_scale, row_sums = self.strategy.run(one_pass, args=(self.power, used, inv_n))
+      total = self._sum(row_sums)
+      error = float(sinkhorn.row_marginal_error(used, total))
+      row_scale = inv_k / tf.maximum(total, tiny)
+      if error <= tol or float(sinkhorn.log_spread(row_scale)) > absorb_limit:
+        break
+    self._col_scale = col_scale
+    return used, row_scale, _GatheredLater(self, col_scale), iteration, error
+
+  def argmax_labels(self, row_scale):
+    labels = self.strategy.run(sinkhorn.argmax_labels, args=(self.power, row_scale))
+    return self.strategy.gather(labels, axis=0).numpy()
+
+  def exact_equipartition(self, row_scale, col_scale):
+    raise NotImplementedError("balance='exact' is single-device only")
+
+  def release(self):
+    self.power = None
+
+
+class _GatheredLater:
+  """A per-replica [N_r] column scale that is gathered to host only when read."""
+
+  def __init__(self, head, per_replica):
+    self._head, self._per_replica = head, per_replica
+
+  def numpy(self):
+    return self._head.strategy.gather(self._per_replica, axis=0).numpy()
+
+
+def _raise_if_nonfinite(count, head_index, size):
+  if count:
+    raise ValueError(f"log_probs head {head_index} has {count} non-finite entries (NaN or inf) among "
+                     f"{size}; self-labelling needs finite log-probabilities")
 
 
 def _as_heads(log_probs):
@@ -301,59 +450,20 @@ def _warm_start_vectors(warm_start, heads):
   return vectors
 
 
-def _chunks(head, dtype):
-  num_examples, num_clusters = (int(d) for d in head.shape)
-  rows = max(1, _CHUNK_BYTES // (4 * num_clusters))
-  for start in range(0, num_examples, rows):
-    chunk = head[start:start + rows]
-    yield start, tf.cast(tf.convert_to_tensor(chunk), dtype)
-
-
-def _shift_statistics(head, dtype):
-  """Pass 1: (col_shift [N], row_shift [K], number of non-finite entries) of one head."""
-  col_shifts, row_shift, nonfinite = [], None, 0
-  for _, chunk in _chunks(head, dtype):
-    col_shift, row_max, bad = sinkhorn.shift_stats(chunk)
-    col_shifts.append(col_shift)
-    row_shift = row_max if row_shift is None else tf.maximum(row_shift, row_max)
-    nonfinite += int(bad)
-  return tf.concat(col_shifts, 0), row_shift, nonfinite
-
-
-def _power_matrix(head, col_shift, row_shift, lam, dtype, storage_dtype):
-  """Pass 2: P^lam with both shifts, written chunk by chunk into one [N, K] variable."""
-  power = tf.Variable(tf.zeros(head.shape, storage_dtype), trainable=False)
-  lam_t = tf.constant(lam, dtype)
-  probe = tf.zeros([], storage_dtype)
-  for start, chunk in _chunks(head, dtype):
-    stop = start + int(chunk.shape[0])
-    power[start:stop].assign(sinkhorn.shifted_power(chunk, col_shift[start:stop], row_shift, lam_t, probe))
-  return power
-
-
-def _initial_row_scale(log_alpha, row_shift, lam, num_clusters, dtype):
-  """r to start from: uniform, or a previous log alpha moved into this call's shifted frame."""
-  if log_alpha is None:
-    return tf.fill([num_clusters], tf.constant(1.0 / num_clusters, dtype))
-  log_r = log_alpha + lam * row_shift.numpy().astype(np.float64)
-  # r only matters up to a constant factor (c is recomputed from it), so normalise to avoid overflow.
-  return tf.constant(np.exp(log_r - log_r.max()), dtype)
-
-
 _solvers = {}
 
 
-def _solver_for(block_rows, num_parts):
-  key = ("solve", block_rows, num_parts)
+def _solver_for(block_rows):
+  key = ("solve", block_rows)
   if key not in _solvers:
-    _solvers[key] = sinkhorn.make_solver(block_rows, num_parts)
+    _solvers[key] = sinkhorn.make_solver(block_rows)
   return _solvers[key]
 
 
-def _pass_for(block_rows, num_parts):
-  key = ("pass", block_rows, num_parts)
+def _pass_for(block_rows):
+  key = ("pass", block_rows)
   if key not in _solvers:
-    _solvers[key] = sinkhorn.make_pass(block_rows, num_parts)
+    _solvers[key] = sinkhorn.make_pass(block_rows)
   return _solvers[key]
 
 
@@ -361,46 +471,25 @@ def _device_type(tensor):
   return tf.DeviceSpec.from_string(tensor.device).device_type or "CPU"
 
 
-def _solve(power, row_scale, tol, max_iters, log_every, name):
-  """Runs the XLA solver in rounds of `log_every` iterations, logging progress between rounds."""
-  num_examples, num_clusters = (int(d) for d in power.shape)
-  solve = _solver_for(*sinkhorn.default_blocking(num_examples, num_clusters, power.dtype,
-                                                 _device_type(power)))
-  dtype = row_scale.dtype
-  tol_t = tf.constant(tol, dtype)
-  done = 0
-  while True:
-    rounds = min(log_every, max_iters - done)
-    used, next_row_scale, col_scale, iterations, error = solve(power, row_scale, tf.constant(rounds),
-                                                               tol_t)
-    done += int(iterations)
-    error = float(error)
-    if error <= tol or done >= max_iters:
-      level = logging.INFO if error <= tol else logging.WARNING
-      logger.log(level, "Sinkhorn %s: %s after %d iterations, marginal error %.3g (tol %g)", name,
-                 "converged" if error <= tol else "stopped at max_iters", done, error, tol)
-      return used, col_scale, done, error
-    logger.info("Sinkhorn %s: iteration %d, marginal error %.3g (tol %g)", name, done, error, tol)
-    row_scale = next_row_scale
-
-
-def _exact_equipartition(power, row_scale, col_scale):
-  num_examples, num_clusters = (int(d) for d in power.shape)
+def _exact_equipartition(power, bounds, row_scale, col_scale):
+  num_examples, num_clusters = bounds[-1], int(power[0].shape[1])
   m = min(_CANDIDATES, num_clusters)
   scores, clusters = [], []
-  rows = max(1, _CHUNK_BYTES // (4 * num_clusters))
-  for start in range(0, num_examples, rows):
-    stop = min(start + rows, num_examples)
-    log_q = sinkhorn.conditional_log_q(power[start:stop], row_scale, col_scale[start:stop],
-                                       num_examples)
+  for start, stop, chunk in zip(bounds[:-1], bounds[1:], power):
+    log_q = sinkhorn.conditional_log_q(chunk, row_scale, col_scale[start:stop], num_examples)
     top = tf.math.top_k(log_q, k=m)
     scores.append(top.values.numpy())
     clusters.append(top.indices.numpy())
 
   def rescore(example_ids):
-    ids = tf.constant(example_ids)
-    return sinkhorn.conditional_log_q(tf.gather(power, ids), row_scale, tf.gather(col_scale, ids),
-                                      num_examples).numpy()
+    chunk_of = np.searchsorted(bounds, example_ids, side="right") - 1
+    rows = np.empty((example_ids.size, num_clusters))
+    for c in np.unique(chunk_of):
+      here = np.flatnonzero(chunk_of == c)
+      ids = example_ids[here]
+      rows[here] = sinkhorn.conditional_log_q(tf.gather(power[c], ids - bounds[c]), row_scale,
+                                              tf.gather(col_scale, ids), num_examples).numpy()
+    return rows
 
   return equipartition.round_to_equipartition(np.concatenate(scores), np.concatenate(clusters),
                                               num_clusters, rescore)

@@ -1,22 +1,26 @@
 """XLA kernels of the fast Sinkhorn-Knopp iteration (paper eq. 8, Cuturi 2013).
 
 Layout and notation. One head's log-probabilities are `log_probs: [N, K]` (example-major, as a network
-writes them). The paper's K x N matrix P^lam is kept here as its transpose
+writes them). The paper's K x N matrix P^lam is kept as its transpose, re-centred (the "kernel"):
 
-    power[n, k] = exp(lam * (log_probs[n, k] - col_shift[n] - row_shift[k]))        (in (0, 1])
+    power[n, k] = exp(lam * log_probs[n, k] - col_offset[n] - row_offset[k])        (in [0, 1])
 
-with `col_shift[n] = max_k log_probs[n, k]` and `row_shift[k] = max_n (log_probs[n, k] - col_shift[n])`.
-After both shifts every example (column of the paper's matrix) and every cluster (row) holds an entry
-exactly 1, so no row or column sum can underflow, whatever lam and however unlikely a cluster is. The
-shifts are absorbed into the scalings: with `row_scale` (r, paper's alpha up to the shift) and
-`col_scale` (c, beta up to the shift),
+so that Q = diag(alpha) P^lam diag(beta) = diag(r) power^T diag(c) with
+log alpha = log r - row_offset and log beta = log c - col_offset.
 
-    Q = diag(alpha) P^lam diag(beta),  log alpha = log r - lam * row_shift,  log beta = log c - lam * col_shift.
+Stability. Given the current log alpha (0 at a cold start), `col_offset[n] = max_k (lam log_probs[n, k] +
+log alpha_k)` and `row_offset[k] = max_n (lam log_probs[n, k] + log alpha_k - col_offset[n]) - log alpha_k`.
+Then every example and every cluster holds an entry exactly 1, so no row or column sum underflows,
+whatever lam and however unlikely a cluster is. Entries far below 1 do underflow in float32 (at lam=25,
+log-prob gaps over 3.5 nats); they only matter once the scalings r grow far apart, so when the spread
+of log r exceeds `absorb_limit` the solver stops, the caller folds r into log alpha and rebuilds the
+kernel around it ("absorption", Schmitzer 2019), and the iteration resumes from a uniform r. This is
+what keeps float32 (and float16 storage) as exact as the float64 official code.
 
 One iteration is the pair of half-steps of the official code, c = (1/N) / (power r), then
 r = (1/K) / (power^T c). On CPU both half-steps are fused into one pass over blocks of rows sized for
-the per-core L2 cache, so the matrix is streamed from memory once per iteration, not twice; independent
-parts of the rows run in parallel. On GPU/TPU one block covers all rows (two bandwidth-bound matvecs).
+the per-core L2 cache, so the matrix is streamed from memory once per iteration, not twice; the row
+chunks run in parallel. On GPU/TPU each chunk is two bandwidth-bound matvecs.
 """
 
 import math
@@ -26,21 +30,29 @@ import tensorflow as tf
 
 # Blocks of about this many bytes stay in a core's L2 cache between the two half-steps of an iteration.
 _CPU_BLOCK_BYTES = 1 << 20
+# P^lam is held as a tuple of row chunks of at most this size: it is built chunk by chunk without a
+# second full-size copy, and on CPU the chunks are the units that run in parallel.
+_CHUNK_BYTES = 1 << 28
 
 
-def default_blocking(num_examples, num_clusters, storage_dtype, device_type):
-  """Block rows and parallel parts for the fused pass on `device_type` ('CPU', 'GPU', 'TPU').
+def plan_chunks(num_examples, num_clusters, storage_dtype, device_type):
+  """How to hold and stream one head's P^lam on a device of `device_type` ('CPU', 'GPU', 'TPU').
 
   Returns:
-    (block_rows, num_parts): python ints; block_rows == num_examples means one unfused block.
+    bounds: python ints [0, ..., N], the row ranges of the chunks.
+    block_rows: rows per block of the fused pass (>= a chunk's rows means plain matvecs).
   """
-  if device_type != "CPU":
-    return num_examples, 1
   itemsize = tf.as_dtype(storage_dtype).size
-  block_rows = max(8, _CPU_BLOCK_BYTES // (num_clusters * itemsize))
-  threads = tf.config.threading.get_intra_op_parallelism_threads() or _cpu_count()
-  num_parts = max(1, min(threads, num_examples // block_rows))
-  return min(block_rows, num_examples), num_parts
+  num_chunks = math.ceil(num_examples * num_clusters * itemsize / _CHUNK_BYTES)
+  if device_type == "CPU":
+    block_rows = max(8, _CPU_BLOCK_BYTES // (num_clusters * itemsize))
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or _cpu_count()
+    num_chunks = max(num_chunks, min(threads, num_examples // block_rows))
+  else:
+    block_rows = num_examples
+  num_chunks = max(1, min(num_chunks, num_examples))
+  bounds = [int(b) for b in np.linspace(0, num_examples, num_chunks + 1).round()]
+  return bounds, block_rows
 
 
 def _cpu_count():
@@ -49,91 +61,86 @@ def _cpu_count():
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def shift_stats(log_probs_chunk):
-  """Per-chunk statistics for the two shifts.
+def kernel_stats(log_probs_chunk, lam, log_alpha):
+  """Per-chunk statistics for the kernel's offsets.
 
   Args:
-    log_probs_chunk: float [n, K].
+    log_probs_chunk: [n, K] in the compute dtype.
+    lam: scalar.
+    log_alpha: [K], the log alpha the kernel is centred on.
 
   Returns:
-    col_shift: [n], each example's max log-prob.
-    row_max: [K], max over the chunk of log_probs - col_shift (reduce with max across chunks).
+    col_offset: [n], max_k (lam log_probs + log alpha).
+    row_max: [K], max over the chunk of lam log_probs + log alpha - col_offset (reduce with max across
+      chunks; then row_offset = row_max - log alpha).
     num_nonfinite: int64 scalar, NaN/inf entries in the chunk.
   """
   finite = tf.math.is_finite(log_probs_chunk)
   num_nonfinite = tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64))
-  safe = tf.where(finite, log_probs_chunk, tf.zeros_like(log_probs_chunk))
-  col_shift = tf.reduce_max(safe, axis=1)
-  row_max = tf.reduce_max(safe - col_shift[:, None], axis=0)
-  return col_shift, row_max, num_nonfinite
+  scores = lam * tf.where(finite, log_probs_chunk, tf.zeros_like(log_probs_chunk)) + log_alpha[None, :]
+  col_offset = tf.reduce_max(scores, axis=1)
+  row_max = tf.reduce_max(scores - col_offset[:, None], axis=0)
+  return col_offset, row_max, num_nonfinite
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def shifted_power(log_probs_chunk, col_shift_chunk, row_shift, lam, storage_dtype_probe):
-  """exp(lam * (log_probs - col_shift - row_shift)) for one chunk, cast like `storage_dtype_probe`.
-
-  Entries lie in [0, 1]; `storage_dtype_probe` is a scalar of the storage dtype (it carries the dtype
-  through tracing).
-  """
-  compute_dtype = col_shift_chunk.dtype
-  x = tf.cast(log_probs_chunk, compute_dtype) - col_shift_chunk[:, None] - row_shift[None, :]
-  return tf.cast(tf.exp(lam * x), storage_dtype_probe.dtype)
+def kernel_chunk(log_probs_chunk, lam, col_offset_chunk, row_offset, storage_dtype_probe):
+  """exp(lam log_probs - col_offset - row_offset) for one chunk, in the dtype of the scalar probe."""
+  x = lam * log_probs_chunk - col_offset_chunk[:, None] - row_offset[None, :]
+  return tf.cast(tf.exp(x), storage_dtype_probe.dtype)
 
 
-def fused_pass(power, row_scale, inv_num_examples, block_rows, num_parts):
+def fused_pass(power, row_scale, inv_num_examples, block_rows):
   """One Sinkhorn iteration's reads of `power`: the column half-step and the row sums it feeds.
 
-  Traced inside an XLA function. `block_rows` and `num_parts` are python ints.
+  Traced inside an XLA function; `block_rows` is a python int. The chunks are independent, so XLA
+  runs them in parallel on CPU.
 
   Args:
-    power: [N, K] in the storage dtype (float32, float16, bfloat16 or float64).
+    power: tuple of [n_i, K] chunks of P^lam (rows = examples) in the storage dtype.
     row_scale: [K] current r, in the compute dtype.
     inv_num_examples: scalar 1/N_total (N_total counts every shard).
-    block_rows: rows per block; >= N means a single unfused block.
-    num_parts: contiguous parts of the rows processed independently (in parallel on CPU).
+    block_rows: rows per block; a chunk with at most this many rows is done by two plain matvecs.
 
   Returns:
     col_scale: [N], c = (1/N_total) / (power r).
     row_sums: [K], power^T c (this shard's share of the next row half-step).
   """
-  num_examples, num_clusters = power.shape
   dtype = row_scale.dtype
   tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
 
   def column_half_step(block):
     return inv_num_examples / tf.maximum(tf.linalg.matvec(block, row_scale), tiny)
 
-  if block_rows >= num_examples:
-    full = tf.cast(power, dtype)
-    col_scale = column_half_step(full)
-    return col_scale, tf.linalg.matvec(full, col_scale, transpose_a=True)
+  col_scales, row_sums = [], []
+  for chunk in power:
+    chunk_rows, num_clusters = chunk.shape
+    if block_rows >= chunk_rows:
+      full = tf.cast(chunk, dtype)
+      col_scale = column_half_step(full)
+      col_scales.append(col_scale)
+      row_sums.append(tf.linalg.matvec(full, col_scale, transpose_a=True))
+      continue
 
-  bounds = np.linspace(0, num_examples, num_parts + 1).astype(np.int64)
-  col_parts, row_sums = [], []
-  for start, stop in zip(bounds[:-1], bounds[1:]):
-    part_rows = int(stop - start)
-    rows = min(block_rows, part_rows)
-    num_blocks = math.ceil(part_rows / rows)
-    start = int(start)
-
-    def body(j, col_part, acc, start=start, part_rows=part_rows, rows=rows):
-      # The last block is moved back to end at the part's end; rows it shares with the block before
+    def body(j, col_part, acc, chunk=chunk, chunk_rows=chunk_rows, num_clusters=num_clusters):
+      # The last block is moved back to end at the chunk's end; rows it shares with the block before
       # are recomputed identically and counted once.
-      offset = tf.minimum(j * rows, part_rows - rows)
-      block = tf.cast(tf.slice(power, [start + offset, 0], [rows, num_clusters]), dtype)
+      offset = tf.minimum(j * block_rows, chunk_rows - block_rows)
+      block = tf.cast(tf.slice(chunk, [offset, 0], [block_rows, num_clusters]), dtype)
       block_col = column_half_step(block)
-      fresh = tf.range(rows) + offset >= j * rows
+      fresh = tf.range(block_rows) + offset >= j * block_rows
       counted = tf.where(fresh, block_col, tf.zeros_like(block_col))
       acc += tf.linalg.matvec(block, counted, transpose_a=True)
-      col_part = tf.tensor_scatter_nd_update(col_part, (tf.range(rows) + offset)[:, None], block_col)
-      return j + 1, col_part, acc
+      rows = (tf.range(block_rows) + offset)[:, None]
+      return j + 1, tf.tensor_scatter_nd_update(col_part, rows, block_col), acc
 
-    _, col_part, acc = tf.while_loop(
+    num_blocks = math.ceil(chunk_rows / block_rows)
+    _, col_scale, acc = tf.while_loop(
         lambda j, *_: j < num_blocks, body,
-        (tf.constant(0), tf.zeros([part_rows], dtype), tf.zeros([num_clusters], dtype)))
-    col_parts.append(col_part)
+        (tf.constant(0), tf.zeros([chunk_rows], dtype), tf.zeros([num_clusters], dtype)))
+    col_scales.append(col_scale)
     row_sums.append(acc)
-  return tf.concat(col_parts, 0), tf.add_n(row_sums)
+  return tf.concat(col_scales, 0), tf.add_n(row_sums)
 
 
 def row_marginal_error(row_scale, row_sums):
@@ -146,12 +153,19 @@ def row_marginal_error(row_scale, row_sums):
   return tf.reduce_max(tf.abs(num_clusters * row_scale * row_sums - 1))
 
 
-def make_solver(block_rows, num_parts):
+def log_spread(row_scale):
+  """max_k log r_k - min_k log r_k (inf once some r_k is 0)."""
+  log_r = tf.math.log(row_scale)
+  return tf.reduce_max(log_r) - tf.reduce_min(log_r)
+
+
+def make_solver(block_rows):
   """An XLA-compiled single-device solver for a given blocking (one compile per shape and dtype)."""
 
   @tf.function(jit_compile=True, reduce_retracing=True)
-  def solve(power, row_scale, max_iters, tol):
-    """Runs up to `max_iters` iterations from `row_scale`, stopping once the marginal error <= tol.
+  def solve(power, row_scale, max_iters, tol, absorb_limit):
+    """Runs up to `max_iters` iterations from `row_scale`; stops once the marginal error <= tol, or
+    once the spread of log r exceeds `absorb_limit` (the caller then re-centres the kernel).
 
     Returns:
       used: [K], the r that produced col_scale (with it, the returned error holds exactly).
@@ -161,21 +175,22 @@ def make_solver(block_rows, num_parts):
       error: marginal error of Q = diag(used) power^T diag(col_scale).
     """
     dtype = row_scale.dtype
-    inv_n = tf.constant(1.0, dtype) / tf.cast(tf.shape(power)[0], dtype)
-    inv_k = tf.constant(1.0, dtype) / tf.cast(tf.shape(power)[1], dtype)
+    num_examples = sum(int(chunk.shape[0]) for chunk in power)
+    inv_n = tf.constant(1.0 / num_examples, dtype)
+    inv_k = tf.constant(1.0 / int(power[0].shape[1]), dtype)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
 
     def body(it, r, used, c, err):
       del used, c, err
-      c, row_sums = fused_pass(power, r, inv_n, block_rows, num_parts)
+      c, row_sums = fused_pass(power, r, inv_n, block_rows)
       err = row_marginal_error(r, row_sums)
       return it + 1, inv_k / tf.maximum(row_sums, tiny), r, c, err
 
     def cond(it, r, used, c, err):
-      del r, used, c
-      return tf.logical_and(it < max_iters, err > tol)
+      del used, c
+      return tf.logical_and(tf.logical_and(it < max_iters, err > tol),
+                            tf.logical_or(it == 0, log_spread(r) <= absorb_limit))
 
-    num_examples = tf.shape(power)[0]
     init = (tf.constant(0), row_scale, row_scale, tf.zeros([num_examples], dtype),
             tf.constant(np.inf, dtype))
     it, next_row_scale, used, c, err = tf.while_loop(cond, body, init)
@@ -184,23 +199,24 @@ def make_solver(block_rows, num_parts):
   return solve
 
 
-def make_pass(block_rows, num_parts):
+def make_pass(block_rows):
   """An XLA-compiled single fused pass, for the sharded solver (one all-reduce of [K] per call)."""
 
   @tf.function(jit_compile=True, reduce_retracing=True)
   def one_pass(power, row_scale, inv_num_examples):
-    return fused_pass(power, row_scale, inv_num_examples, block_rows, num_parts)
+    return fused_pass(power, row_scale, inv_num_examples, block_rows)
 
   return one_pass
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def argmax_labels(power_chunk, row_scale):
-  """argmax_k of Q[n, k] = r_k power[n, k] c_n, for a chunk of examples: int64 [n]."""
-  return tf.argmax(tf.cast(power_chunk, row_scale.dtype) * row_scale[None, :], axis=1)
+def argmax_labels(power, row_scale):
+  """argmax_k of Q[n, k] = r_k power[n, k] c_n over the chunks of `power`: int64 [N]."""
+  return tf.concat([tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
+                    for chunk in power], 0)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(reduce_retracing=True)
 def conditional_log_q(power_chunk, row_scale, col_scale_chunk, num_examples):
   """log q(k|n) = log(N Q[n, k]) for a chunk of examples: [n, K] (each row's exp sums to 1)."""
   dtype = row_scale.dtype

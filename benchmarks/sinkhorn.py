@@ -1,0 +1,274 @@
+"""Benchmark of the Sinkhorn-Knopp labeller against the memory-bandwidth limit and a numpy reference.
+
+Prints, in one run and per shape:
+  * the input's mean max-probability (so that runs are comparable: iteration counts depend on it);
+  * ms per iteration of selabel_tf (per storage dtype), and of one multi-threaded streaming read of
+    the K x N float32 matrix (XLA reduce_sum): the memory-bandwidth limit;
+  * ms per iteration of a float64 numpy reference following the official update rule (two
+    matrix-vector products per iteration) on the same matrix;
+  * the ratios selabel_tf / one read and reference / selabel_tf;
+  * end-to-end time to tolerance of both, with the same stopping criterion;
+  * the fraction of argmax labels that differ from a fully converged solution, per tolerance.
+
+Run (unset OPENBLAS_* in this command only, so that numpy's BLAS runs at its best):
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/sinkhorn.py
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/sinkhorn.py --imagenet
+"""
+
+import math
+import resource
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from selabel_tf import labeller
+from selabel_tf import sinkhorn
+
+
+def define_flags():
+  flags.DEFINE_bool("imagenet", False, "Only the ImageNet shape N=1,281,167, K=3000, one head, "
+                    "log-probs generated chunk by chunk (they never exist whole in memory).")
+  flags.DEFINE_list("shapes", ["500000x1000x1@25", "50000x128x10@10"],
+                    "Shapes NxKxT@lam to run (ignored with --imagenet).")
+  flags.DEFINE_list("storage_dtypes", ["float32", "float16"], "Storage dtypes of P^lam to time.")
+  flags.DEFINE_list("tolerances", ["0.1", "0.03", "0.01", "0.003", "0.001"],
+                    "Tolerances for the label-stability table (the default tol is among them).")
+  flags.DEFINE_float("converged_tol", 1e-4, "Tolerance of the 'fully converged' reference labels.")
+  flags.DEFINE_integer("timing_iters", 20, "Iterations timed per ms/iteration figure.")
+  flags.DEFINE_integer("reference_max_seconds", 300, "Cap on the numpy reference's run to tolerance.")
+  flags.DEFINE_integer("seed", 0, "Seed of the synthetic log-probs.")
+
+
+class SyntheticLogProbs:
+  """Log-probabilities shaped like a trained network's, generated on demand, row block by row block.
+
+  Each example has a 'true' cluster drawn with uneven (Zipf, exponent 0.5) popularity; its logits are
+  2 * N(0, 1) noise plus a margin on the true cluster, so that softmax is confident (mean max-prob
+  around 0.7). Rows are generated in fixed blocks from stateless seeds, so any slicing returns the same
+  values and the whole matrix never needs to exist in memory.
+  """
+
+  _BLOCK = 8192
+
+  def __init__(self, num_examples, num_clusters, seed):
+    self.shape = (num_examples, num_clusters)
+    self._seed = seed
+    popularity = 1.0 / np.sqrt(np.arange(1, num_clusters + 1))
+    self._log_popularity = tf.constant(np.log(popularity / popularity.sum())[None, :], tf.float32)
+    self._margin = math.log(num_clusters) + 2.0  # log K + sigma^2 / 2 puts max-prob near 0.5 ...
+
+  def _block(self, b):
+    num_examples, num_clusters = self.shape
+    rows = min(self._BLOCK, num_examples - b * self._BLOCK)
+    seeds = [(self._seed, 3 * b + i) for i in range(3)]
+    true = tf.random.stateless_categorical(tf.tile(self._log_popularity, [rows, 1]), 1, seeds[0])[:, 0]
+    noise = 2.0 * tf.random.stateless_normal([rows, num_clusters], seeds[1])
+    # ... and a per-example extra margin of N(1.5, 1.5) makes it confident, unevenly so.
+    margin = self._margin + 1.5 + 1.5 * tf.random.stateless_normal([rows, 1], seeds[2])
+    logits = noise + margin * tf.one_hot(true, num_clusters)
+    return tf.nn.log_softmax(logits, axis=1)
+
+  def __getitem__(self, rows):
+    start, stop, _ = rows.indices(self.shape[0])
+    first, last = start // self._BLOCK, (stop - 1) // self._BLOCK
+    blocks = [self._block(b) for b in range(first, last + 1)]
+    out = tf.concat(blocks, 0) if len(blocks) > 1 else blocks[0]
+    return out[start - first * self._BLOCK:stop - first * self._BLOCK]
+
+  def materialize(self):
+    return np.concatenate([self[s:s + (1 << 16)].numpy() for s in range(0, self.shape[0], 1 << 16)])
+
+
+def mean_max_prob(head):
+  total = 0.0
+  for s in range(0, head.shape[0], 1 << 16):
+    total += float(tf.reduce_sum(tf.exp(tf.reduce_max(head[s:s + (1 << 16)], axis=1))))
+  return total / head.shape[0]
+
+
+def peak_rss_gb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@tf.function(jit_compile=True)
+def one_read(chunks):
+  return tf.add_n([tf.reduce_sum(tf.cast(c, tf.float32)) for c in chunks])
+
+
+def timed(fn, reps):
+  """Median wall time of fn() over reps runs after one warm-up, in seconds."""
+  fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def prepare(head, lam, storage_dtype):
+  """P^lam as the labeller holds it: (chunks, block_rows, row_shift)."""
+  bounds, block_rows = sinkhorn.plan_chunks(head.shape[0], head.shape[1], storage_dtype, "CPU")
+  col_shift, row_shift, _ = labeller._shift_statistics(head, bounds, "float32")  # pylint: disable=protected-access
+  power = labeller._power_matrix(head, bounds, col_shift, row_shift, lam, "float32", storage_dtype)  # pylint: disable=protected-access
+  return power, block_rows, row_shift
+
+
+def selabel_ms_per_iter(power, block_rows, iters):
+  solve = labeller._solver_for(block_rows)  # pylint: disable=protected-access
+  num_clusters = int(power[0].shape[1])
+  r = tf.fill([num_clusters], 1.0 / num_clusters)
+  zero_tol = tf.constant(0.0)
+  n = tf.constant(iters)
+  return timed(lambda: solve(power, r, n, zero_tol)[4].numpy(), reps=3) / iters * 1e3
+
+
+class Reference:
+  """The official update rule in float64 numpy: P = exp(log_probs)^lam (K x N), two matvecs/iter."""
+
+  def __init__(self, head, lam):
+    self.power = np.exp(lam * np.asarray(head, np.float64)).T.copy()  # K x N, as the official code
+    self.num_clusters, self.num_examples = self.power.shape
+
+  def iterate(self, r, c):
+    r = (1.0 / self.num_clusters) / (self.power @ c)
+    c = (1.0 / self.num_examples) / (r @ self.power)
+    return r, c
+
+  def ms_per_iter(self, iters):
+    r = np.full(self.num_clusters, 1.0 / self.num_clusters)
+    c = np.full(self.num_examples, 1.0 / self.num_examples)
+
+    def run():
+      rr, cc = r, c
+      for _ in range(iters):
+        rr, cc = self.iterate(rr, cc)
+    return timed(run, reps=1) / iters * 1e3
+
+  def solve(self, tol, max_seconds):
+    """Iterates until max_k |r_k / r_next_k - 1| <= tol, the same cluster-marginal criterion."""
+    c = np.full(self.num_examples, 1.0 / self.num_examples)
+    r = (1.0 / self.num_clusters) / (self.power @ c)
+    start, iters = time.perf_counter(), 0
+    while time.perf_counter() - start < max_seconds:
+      c = (1.0 / self.num_examples) / (r @ self.power)
+      iters += 1
+      r_next = (1.0 / self.num_clusters) / (self.power @ c)
+      if np.max(np.abs(r / r_next - 1)) <= tol:
+        return iters, time.perf_counter() - start, np.argmax(r[:, None] * self.power, axis=0)
+      r = r_next
+    return iters, None, None
+
+
+def label_stability(head, lam, tolerances, converged_tol):
+  """Fraction of labels differing from a converged solution, per tol (continuing warm, cumulatively)."""
+  rows, previous, total_iters, total_time = [], None, 0, 0.0
+  for tol in sorted(tolerances, reverse=True) + [converged_tol]:
+    start = time.perf_counter()
+    result = labeller.assign_labels([head], lam, tol=tol, max_iters=20000, warm_start=previous,
+                                    log_every=500)
+    total_time += time.perf_counter() - start
+    total_iters += int(result.iterations[0])
+    rows.append((tol, total_iters, total_time, result.labels[0], float(result.marginal_error[0])))
+    previous = result
+  converged = rows[-1][3]
+  print("  tol      iterations  time(s)  marginal_err  labels differing from tol=%g" % converged_tol)
+  for tol, iters, seconds, labels, err in rows[:-1]:
+    print(f"  {tol:<8g} {iters:>10d} {seconds:>8.1f}  {err:>12.3g}  {np.mean(labels != converged):.4%}")
+  print(f"  {converged_tol:<8g} {rows[-1][1]:>10d} {rows[-1][2]:>8.1f}  {rows[-1][4]:>12.3g}  (reference)")
+
+
+def run_shape(num_examples, num_clusters, num_heads, lam):
+  print(f"\n=== N={num_examples} K={num_clusters} T={num_heads} lam={lam} ===", flush=True)
+  source = SyntheticLogProbs(num_examples, num_clusters, flags.FLAGS.seed)
+  head = source.materialize()  # stored log-probs, float32 [N, K], as after a label pass
+  print(f"mean max-probability: {mean_max_prob(head):.3f}")
+  gb = num_examples * num_clusters * 4 / 1e9
+  power, block_rows, _ = prepare(head, lam, "float32")
+  read_ms = timed(lambda: one_read(power).numpy(), reps=5) * 1e3
+  print(f"one streaming read of the K x N float32 matrix ({gb:.2f} GB): {read_ms:.1f} ms "
+        f"({gb / read_ms * 1e3:.1f} GB/s)")
+  per_iter = {}
+  for storage_dtype in flags.FLAGS.storage_dtypes:
+    p = power if storage_dtype == "float32" else prepare(head, lam, storage_dtype)[0]
+    per_iter[storage_dtype] = selabel_ms_per_iter(p, block_rows, flags.FLAGS.timing_iters)
+    print(f"selabel_tf, {storage_dtype} storage: {per_iter[storage_dtype]:.1f} ms/iteration "
+          f"= {per_iter[storage_dtype] / read_ms:.2f} x one read")
+    del p
+  del power
+
+  reference = Reference(head, lam)
+  ref_ms = reference.ms_per_iter(max(2, flags.FLAGS.timing_iters // 4))
+  print(f"float64 numpy reference (official rule, 2 matvecs): {ref_ms:.1f} ms/iteration")
+  for storage_dtype, ms in per_iter.items():
+    print(f"reference / selabel_tf ({storage_dtype}): {ref_ms / ms:.1f} x per iteration")
+
+  tol = labeller.DEFAULT_TOL
+  heads = [head] * num_heads
+  labeller.assign_labels([head], lam, tol=tol, max_iters=3)  # compile for this shape
+  for storage_dtype in flags.FLAGS.storage_dtypes:
+    start = time.perf_counter()
+    result = labeller.assign_labels(heads, lam, tol=tol, storage_dtype=storage_dtype, log_every=500)
+    seconds = time.perf_counter() - start
+    print(f"selabel_tf end to end, {num_heads} head(s), {storage_dtype}, tol={tol}: {seconds:.1f} s, "
+          f"iterations {result.iterations.tolist()}")
+    if storage_dtype == "float32":
+      labels32 = result.labels[0]
+    else:
+      print(f"  labels differing from float32 storage: {np.mean(result.labels[0] != labels32):.4%}")
+  ref_iters, ref_seconds, ref_labels = reference.solve(tol, flags.FLAGS.reference_max_seconds)
+  if ref_seconds is None:
+    print(f"reference to tol={tol}: not reached in {flags.FLAGS.reference_max_seconds} s "
+          f"({ref_iters} iterations)")
+  else:
+    print(f"reference to tol={tol}, one head: {ref_seconds:.1f} s, {ref_iters} iterations "
+          f"(x{num_heads} heads: {ref_seconds * num_heads:.1f} s); labels differing from "
+          f"selabel_tf float32: {np.mean(ref_labels != labels32):.4%}")
+  del reference
+  print("label stability (head 0, float32, warm-continued):")
+  label_stability(head, lam, [float(t) for t in flags.FLAGS.tolerances], flags.FLAGS.converged_tol)
+
+
+def run_imagenet():
+  num_examples, num_clusters, lam = 1_281_167, 3000, 25.0
+  print(f"\n=== ImageNet shape: N={num_examples} K={num_clusters} T=1 lam={lam} ===", flush=True)
+  source = SyntheticLogProbs(num_examples, num_clusters, flags.FLAGS.seed)
+  print(f"mean max-probability (first 65536 examples): {mean_max_prob(source[0:65536]):.3f}")
+  for storage_dtype in flags.FLAGS.storage_dtypes:
+    start = time.perf_counter()
+    result = labeller.assign_labels([source], lam, storage_dtype=storage_dtype, log_every=50)
+    seconds = time.perf_counter() - start
+    sizes = result.cluster_sizes(0)
+    print(f"selabel_tf, {storage_dtype} storage, tol={result.tol}: {seconds:.1f} s end to end "
+          f"(including generating the log-probs twice), {int(result.iterations[0])} iterations, "
+          f"marginal error {result.marginal_error[0]:.3g}, cluster sizes {sizes.min()}..{sizes.max()} "
+          f"(N/K={num_examples / num_clusters:.0f}), peak RSS so far {peak_rss_gb():.1f} GB", flush=True)
+  power, block_rows, _ = prepare(source, lam, "float32")
+  read_ms = timed(lambda: one_read(power).numpy(), reps=3) * 1e3
+  ms = selabel_ms_per_iter(power, block_rows, 5)
+  print(f"one streaming read (15.4 GB): {read_ms:.0f} ms; selabel_tf float32: {ms:.0f} ms/iteration "
+        f"= {ms / read_ms:.2f} x one read")
+  print(f"peak RSS of the whole run: {peak_rss_gb():.1f} GB (limit 20 GB)")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  print(f"TensorFlow {tf.__version__}, intra-op threads: "
+        f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}")
+  if flags.FLAGS.imagenet:
+    run_imagenet()
+    return
+  for spec in flags.FLAGS.shapes:
+    dims, lam = spec.split("@")
+    num_examples, num_clusters, num_heads = (int(x) for x in dims.split("x"))
+    run_shape(num_examples, num_clusters, num_heads, float(lam))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
