@@ -184,7 +184,7 @@ def _run(solver, log_alpha, tol, max_iters, log_every, name, balance):
   row_scale, done, absorptions = uniform, 0, 0
   limit = _ABSORB_LIMIT[solver.storage_dtype]
   while True:
-    used, next_row_scale, col_scale, iterations, error = solver.iterate(
+    used, next_row_scale, iterations, error = solver.iterate(
         row_scale, min(log_every, max_iters - done), tol, limit)
     done += iterations
     if error <= tol or done >= max_iters:
@@ -193,7 +193,7 @@ def _run(solver, log_alpha, tol, max_iters, log_every, name, balance):
       # Fold r into log alpha and rebuild the kernel around it; continue from a uniform r.
       log_alpha = np.log(next_row_scale.numpy().astype(np.float64)) - solver.row_offset
       log_alpha -= log_alpha.max()
-      solver.build_kernel(log_alpha)
+      solver.recentre(log_alpha, limit)
       row_scale = uniform
       absorptions += 1
     else:
@@ -202,12 +202,13 @@ def _run(solver, log_alpha, tol, max_iters, log_every, name, balance):
   logger.log(logging.INFO if error <= tol else logging.WARNING,
              "Sinkhorn %s: %s after %d iterations (%d re-centrings), marginal error %.3g (tol %g)",
              name, "converged" if error <= tol else "stopped at max_iters", done, absorptions, error, tol)
+  col_scale = solver.column_scale(used)
   if balance == "argmax":
     labels = solver.argmax_labels(used)
   else:
     labels = solver.exact_equipartition(used, col_scale)
   log_alpha = np.log(used.numpy().astype(np.float64)) - solver.row_offset
-  log_beta = np.log(col_scale.numpy().astype(np.float64)) - solver.col_offset
+  log_beta = np.log(solver.gather(col_scale).astype(np.float64)) - solver.col_offset
   return labels, log_alpha, log_beta, done, error
 
 
@@ -264,12 +265,39 @@ class _LocalHead:
     self.col_offset = col_offset.numpy().astype(np.float64)
     self.row_offset = row_offset.numpy().astype(np.float64)
 
+  def recentre(self, log_alpha, absorb_limit):
+    """Rebuilds the kernel around `log_alpha` in one pass over the log-probs (two if a row underflows)."""
+    log_alpha_t = tf.constant(log_alpha, self.dtype)
+    probe = tf.zeros([], self.storage_dtype)
+    self.power = None
+    power, col_offsets, row_max = [], [], None
+    for _, _, chunk in self._chunks():
+      kernel, col_offset, chunk_row_max = sinkhorn.recentred_kernel_chunk(chunk, self.lam, log_alpha_t,
+                                                                          probe)
+      power.append(kernel)
+      col_offsets.append(col_offset)
+      row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
+    if float(tf.reduce_min(row_max)) < math.exp(-absorb_limit):
+      del power
+      self.build_kernel(log_alpha)
+      return
+    self.power = tuple(power)
+    self.col_offset = tf.concat(col_offsets, 0).numpy().astype(np.float64)
+    self.row_offset = -np.asarray(log_alpha, np.float64)
+
   def iterate(self, row_scale, max_iters, tol, absorb_limit):
     solve = _solver_for(self.block_rows)
-    used, next_row_scale, col_scale, iterations, error = solve(
+    used, next_row_scale, iterations, error = solve(
         self.power, row_scale, tf.constant(max_iters), tf.constant(tol, self.dtype),
         tf.constant(absorb_limit, self.dtype))
-    return used, next_row_scale, col_scale, int(iterations), float(error)
+    return used, next_row_scale, int(iterations), float(error)
+
+  def column_scale(self, row_scale):
+    return sinkhorn.column_scale(self.power, row_scale,
+                                 tf.constant(1.0 / self.num_examples, self.dtype))
+
+  def gather(self, col_scale):
+    return col_scale.numpy()
 
   def argmax_labels(self, row_scale):
     return sinkhorn.argmax_labels(self.power, row_scale).numpy()
@@ -335,6 +363,10 @@ class _ShardedHead:
   def col_offset(self):
     return self.strategy.gather(self._col_offset, axis=0).numpy().astype(np.float64)
 
+  def recentre(self, log_alpha, absorb_limit):
+    del absorb_limit
+    self.build_kernel(log_alpha)
+
   def iterate(self, row_scale, max_iters, tol, absorb_limit):
     """Iterations with one [K] all-reduce each (a python loop: each step crosses replicas)."""
     one_pass = _pass_for(self.block_rows)
@@ -344,14 +376,19 @@ class _ShardedHead:
     error, used = math.inf, row_scale
     for iteration in range(1, max_iters + 1):
       used = row_scale
-      col_scale, row_sums = self.strategy.run(one_pass, args=(self.power, used, inv_n))
-      total = self._sum(row_sums)
+      total = self._sum(self.strategy.run(one_pass, args=(self.power, used, inv_n)))
       error = float(sinkhorn.row_marginal_error(used, total))
       row_scale = inv_k / tf.maximum(total, tiny)
       if error <= tol or float(sinkhorn.log_spread(row_scale)) > absorb_limit:
         break
-    self._col_scale = col_scale
-    return used, row_scale, _GatheredLater(self, col_scale), iteration, error
+    return used, row_scale, iteration, error
+
+  def column_scale(self, row_scale):
+    inv_n = tf.constant(1.0 / self.num_examples, self.dtype)
+    return self.strategy.run(sinkhorn.column_scale, args=(self.power, row_scale, inv_n))
+
+  def gather(self, col_scale):
+    return self.strategy.gather(col_scale, axis=0).numpy()
 
   def argmax_labels(self, row_scale):
     labels = self.strategy.run(sinkhorn.argmax_labels, args=(self.power, row_scale))
@@ -362,16 +399,6 @@ class _ShardedHead:
 
   def release(self):
     self.power = None
-
-
-class _GatheredLater:
-  """A per-replica [N_r] column scale that is gathered to host only when read."""
-
-  def __init__(self, head, per_replica):
-    self._head, self._per_replica = head, per_replica
-
-  def numpy(self):
-    return self._head.strategy.gather(self._per_replica, axis=0).numpy()
 
 
 def _raise_if_nonfinite(count, head_index, size):

@@ -90,57 +90,77 @@ def kernel_chunk(log_probs_chunk, lam, col_offset_chunk, row_offset, storage_dty
   return tf.cast(tf.exp(x), storage_dtype_probe.dtype)
 
 
+@tf.function(jit_compile=True, reduce_retracing=True)
+def recentred_kernel_chunk(log_probs_chunk, lam, log_alpha, storage_dtype_probe):
+  """One pass of a re-centring: the kernel with row_offset = -log alpha, for one chunk.
+
+  Returns:
+    kernel: [n, K], exp(lam log_probs + log alpha - col_offset) in the probe's dtype.
+    col_offset: [n], max_k (lam log_probs + log alpha).
+    row_max: [K], the chunk's largest kernel entry per cluster (to check that no row underflowed).
+  """
+  scores = lam * log_probs_chunk + log_alpha[None, :]
+  col_offset = tf.reduce_max(scores, axis=1)
+  kernel = tf.cast(tf.exp(scores - col_offset[:, None]), storage_dtype_probe.dtype)
+  return kernel, col_offset, tf.reduce_max(tf.cast(kernel, log_probs_chunk.dtype), axis=0)
+
+
 def fused_pass(power, row_scale, inv_num_examples, block_rows):
   """One Sinkhorn iteration's reads of `power`: the column half-step and the row sums it feeds.
 
   Traced inside an XLA function; `block_rows` is a python int. The chunks are independent, so XLA
-  runs them in parallel on CPU.
+  runs them in parallel on CPU. The column scale c itself is not kept (only its contribution to the
+  row sums), so nothing [N]-sized is written per iteration; `column_scale` recomputes it at the end.
 
   Args:
-    power: tuple of [n_i, K] chunks of P^lam (rows = examples) in the storage dtype.
+    power: tuple of [n_i, K] chunks of the kernel (rows = examples) in the storage dtype.
     row_scale: [K] current r, in the compute dtype.
     inv_num_examples: scalar 1/N_total (N_total counts every shard).
     block_rows: rows per block; a chunk with at most this many rows is done by two plain matvecs.
 
   Returns:
-    col_scale: [N], c = (1/N_total) / (power r).
-    row_sums: [K], power^T c (this shard's share of the next row half-step).
+    row_sums: [K], power^T c with c = (1/N_total) / (power r) (this shard's share).
   """
   dtype = row_scale.dtype
-  tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
 
-  def column_half_step(block):
-    return inv_num_examples / tf.maximum(tf.linalg.matvec(block, row_scale), tiny)
+  def block_row_sums(block, weight=None):
+    col_scale = _column_half_step(block, row_scale, inv_num_examples)
+    if weight is not None:
+      col_scale = tf.where(weight, col_scale, tf.zeros_like(col_scale))
+    return tf.linalg.matvec(block, col_scale, transpose_a=True)
 
-  col_scales, row_sums = [], []
+  row_sums = []
   for chunk in power:
     chunk_rows, num_clusters = chunk.shape
     if block_rows >= chunk_rows:
-      full = tf.cast(chunk, dtype)
-      col_scale = column_half_step(full)
-      col_scales.append(col_scale)
-      row_sums.append(tf.linalg.matvec(full, col_scale, transpose_a=True))
+      row_sums.append(block_row_sums(tf.cast(chunk, dtype)))
       continue
 
-    def body(j, col_part, acc, chunk=chunk, chunk_rows=chunk_rows, num_clusters=num_clusters):
+    def body(j, acc, chunk=chunk, chunk_rows=chunk_rows, num_clusters=num_clusters):
       # The last block is moved back to end at the chunk's end; rows it shares with the block before
-      # are recomputed identically and counted once.
+      # are counted once.
       offset = tf.minimum(j * block_rows, chunk_rows - block_rows)
       block = tf.cast(tf.slice(chunk, [offset, 0], [block_rows, num_clusters]), dtype)
-      block_col = column_half_step(block)
       fresh = tf.range(block_rows) + offset >= j * block_rows
-      counted = tf.where(fresh, block_col, tf.zeros_like(block_col))
-      acc += tf.linalg.matvec(block, counted, transpose_a=True)
-      rows = (tf.range(block_rows) + offset)[:, None]
-      return j + 1, tf.tensor_scatter_nd_update(col_part, rows, block_col), acc
+      return j + 1, acc + block_row_sums(block, fresh)
 
     num_blocks = math.ceil(chunk_rows / block_rows)
-    _, col_scale, acc = tf.while_loop(
-        lambda j, *_: j < num_blocks, body,
-        (tf.constant(0), tf.zeros([chunk_rows], dtype), tf.zeros([num_clusters], dtype)))
-    col_scales.append(col_scale)
+    _, acc = tf.while_loop(lambda j, _: j < num_blocks, body,
+                           (tf.constant(0), tf.zeros([num_clusters], dtype)))
     row_sums.append(acc)
-  return tf.concat(col_scales, 0), tf.add_n(row_sums)
+  return tf.add_n(row_sums)
+
+
+def _column_half_step(block, row_scale, inv_num_examples):
+  tiny = tf.constant(np.finfo(row_scale.dtype.as_numpy_dtype).tiny, row_scale.dtype)
+  return inv_num_examples / tf.maximum(tf.linalg.matvec(block, row_scale), tiny)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def column_scale(power, row_scale, inv_num_examples):
+  """c = (1/N_total) / (power r) over the chunks of `power`: [N]."""
+  return tf.concat([_column_half_step(tf.cast(chunk, row_scale.dtype), row_scale, inv_num_examples)
+                    for chunk in power], 0)
 
 
 def row_marginal_error(row_scale, row_sums):
@@ -168,11 +188,11 @@ def make_solver(block_rows):
     once the spread of log r exceeds `absorb_limit` (the caller then re-centres the kernel).
 
     Returns:
-      used: [K], the r that produced col_scale (with it, the returned error holds exactly).
+      used: [K], the last r whose column half-step was taken; the returned error is that of
+        Q = diag(used) power^T diag(column_scale(power, used)).
       next_row_scale: [K], r after one more row half-step (where to continue from).
-      col_scale: [N].
       iterations: int32, iterations run.
-      error: marginal error of Q = diag(used) power^T diag(col_scale).
+      error: the marginal error of that Q.
     """
     dtype = row_scale.dtype
     num_examples = sum(int(chunk.shape[0]) for chunk in power)
@@ -180,21 +200,20 @@ def make_solver(block_rows):
     inv_k = tf.constant(1.0 / int(power[0].shape[1]), dtype)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
 
-    def body(it, r, used, c, err):
-      del used, c, err
-      c, row_sums = fused_pass(power, r, inv_n, block_rows)
+    def body(it, r, used, err):
+      del used, err
+      row_sums = fused_pass(power, r, inv_n, block_rows)
       err = row_marginal_error(r, row_sums)
-      return it + 1, inv_k / tf.maximum(row_sums, tiny), r, c, err
+      return it + 1, inv_k / tf.maximum(row_sums, tiny), r, err
 
-    def cond(it, r, used, c, err):
-      del used, c
+    def cond(it, r, used, err):
+      del used
       return tf.logical_and(tf.logical_and(it < max_iters, err > tol),
                             tf.logical_or(it == 0, log_spread(r) <= absorb_limit))
 
-    init = (tf.constant(0), row_scale, row_scale, tf.zeros([num_examples], dtype),
-            tf.constant(np.inf, dtype))
-    it, next_row_scale, used, c, err = tf.while_loop(cond, body, init)
-    return used, next_row_scale, c, it, err
+    init = (tf.constant(0), row_scale, row_scale, tf.constant(np.inf, dtype))
+    it, next_row_scale, used, err = tf.while_loop(cond, body, init)
+    return used, next_row_scale, it, err
 
   return solve
 
