@@ -15,6 +15,7 @@ setuptools.setup(
         "tensorflow>=2.16,<2.22",
         "keras>=3.10,<4",
         "tensorflow-datasets>=4.9,<5",
+        "importlib_resources>=6",  # etils (tfds) needs it to prepare datasets; not pulled in by tfds
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",
         "psutil>=5.9",

@@ -151,7 +151,8 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
     equipartition rounding is single-device only).
   """
   dtype, storage_dtype = _check_options(lam, tol, max_iters, "argmax", dtype, storage_dtype, log_every)
-  local_heads = _as_heads(strategy.experimental_local_results(per_replica_log_probs)[0])
+  local_heads = _as_heads(strategy.experimental_local_results(per_replica_log_probs)[0],
+                          check_sizes=False)
   solvers = [_ShardedHead(strategy, per_replica_log_probs, t, lam, dtype, storage_dtype)
              for t in range(len(local_heads))]
   init_log_alpha = _warm_start_vectors(warm_start, [(s.num_examples, s.num_clusters) for s in solvers])
@@ -303,7 +304,7 @@ class _LocalHead:
     return sinkhorn.argmax_labels(self.power, row_scale).numpy()
 
   def exact_equipartition(self, row_scale, col_scale):
-    return _exact_equipartition(self.power, self.bounds, row_scale, col_scale)
+    return _exact_equipartition(self.head, self.power, self.bounds, row_scale, col_scale)
 
   def release(self):
     self.power = None
@@ -316,7 +317,7 @@ class _ShardedHead:
     self.strategy = strategy
     self.dtype, self.storage_dtype = dtype, storage_dtype
     self.lam = tf.constant(lam, dtype)
-    self.values = strategy.run(lambda v: tf.cast(_as_heads(v)[head_index], dtype),
+    self.values = strategy.run(lambda v: tf.cast(_as_heads(v, check_sizes=False)[head_index], dtype),
                                args=(per_replica_log_probs,))
     local = strategy.experimental_local_results(self.values)
     self.num_clusters = int(local[0].shape[1])
@@ -407,7 +408,7 @@ def _raise_if_nonfinite(count, head_index, size):
                      f"{size}; self-labelling needs finite log-probabilities")
 
 
-def _as_heads(log_probs):
+def _as_heads(log_probs, check_sizes=True):
   """The heads as a list of [N, K_t] array-likes, checked for rank and a common N."""
   if isinstance(log_probs, (list, tuple)):
     heads = list(log_probs)
@@ -429,7 +430,8 @@ def _as_heads(log_probs):
     raise ValueError(f"log_probs: every head needs the same number of examples N, got "
                      f"{[int(h.shape[0]) for h in heads]}")
   for t, head in enumerate(heads):
-    _check_sizes(int(head.shape[0]), int(head.shape[1]), t)
+    if check_sizes:
+      _check_sizes(int(head.shape[0]), int(head.shape[1]), t)
   return heads
 
 
@@ -442,7 +444,8 @@ def _check_sizes(num_examples, num_clusters, head):
 
 
 def _check_options(lam, tol, max_iters, balance, dtype, storage_dtype, log_every):
-  if not (isinstance(lam, (int, float, np.floating)) and math.isfinite(lam) and lam > 0):
+  if not (isinstance(lam, (int, float, np.integer, np.floating)) and not isinstance(lam, bool)
+          and math.isfinite(lam) and lam > 0):
     raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
   if not (isinstance(tol, (int, float, np.floating)) and tol > 0):
     raise ValueError(f"tol must be > 0, got {tol!r}")
@@ -498,15 +501,18 @@ def _device_type(tensor):
   return tf.DeviceSpec.from_string(tensor.device).device_type or "CPU"
 
 
-def _exact_equipartition(power, bounds, row_scale, col_scale):
+def _exact_equipartition(head, power, bounds, row_scale, col_scale):
+  """Labels of an exact equipartition: rounding of Q, then local search on sum_n -log p(label_n)."""
   num_examples, num_clusters = bounds[-1], int(power[0].shape[1])
   m = min(_CANDIDATES, num_clusters)
-  scores, clusters = [], []
+  scores, clusters, log_probs = [], [], []
   for start, stop, chunk in zip(bounds[:-1], bounds[1:], power):
     log_q = sinkhorn.conditional_log_q(chunk, row_scale, col_scale[start:stop], num_examples)
     top = tf.math.top_k(log_q, k=m)
     scores.append(top.values.numpy())
     clusters.append(top.indices.numpy())
+    head_chunk = tf.convert_to_tensor(head[start:stop])
+    log_probs.append(tf.gather(head_chunk, top.indices, batch_dims=1).numpy())
 
   def rescore(example_ids):
     chunk_of = np.searchsorted(bounds, example_ids, side="right") - 1
@@ -518,5 +524,10 @@ def _exact_equipartition(power, bounds, row_scale, col_scale):
                                               tf.gather(col_scale, ids), num_examples).numpy()
     return rows
 
-  return equipartition.round_to_equipartition(np.concatenate(scores), np.concatenate(clusters),
-                                              num_clusters, rescore)
+  clusters, log_probs = np.concatenate(clusters), np.concatenate(log_probs)
+  labels = equipartition.round_to_equipartition(np.concatenate(scores), clusters, num_clusters, rescore)
+  label_log_probs = np.concatenate([
+      tf.gather(tf.convert_to_tensor(head[start:stop]), labels[start:stop, None], batch_dims=1).numpy()[:, 0]
+      for start, stop in zip(bounds[:-1], bounds[1:])])
+  return equipartition.improve_by_local_search(labels, clusters, log_probs, label_log_probs,
+                                               num_clusters)

@@ -60,7 +60,7 @@ def _cpu_count():
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def kernel_stats(log_probs_chunk, lam, log_alpha):
   """Per-chunk statistics for the kernel's offsets.
 
@@ -83,14 +83,14 @@ def kernel_stats(log_probs_chunk, lam, log_alpha):
   return col_offset, row_max, num_nonfinite
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def kernel_chunk(log_probs_chunk, lam, col_offset_chunk, row_offset, storage_dtype_probe):
   """exp(lam log_probs - col_offset - row_offset) for one chunk, in the dtype of the scalar probe."""
   x = lam * log_probs_chunk - col_offset_chunk[:, None] - row_offset[None, :]
   return tf.cast(tf.exp(x), storage_dtype_probe.dtype)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def recentred_kernel_chunk(log_probs_chunk, lam, log_alpha, storage_dtype_probe):
   """One pass of a re-centring: the kernel with row_offset = -log alpha, for one chunk.
 
@@ -156,7 +156,7 @@ def _column_half_step(block, row_scale, inv_num_examples):
   return inv_num_examples / tf.maximum(tf.linalg.matvec(block, row_scale), tiny)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def column_scale(power, row_scale, inv_num_examples):
   """c = (1/N_total) / (power r) over the chunks of `power`: [N]."""
   return tf.concat([_column_half_step(tf.cast(chunk, row_scale.dtype), row_scale, inv_num_examples)
@@ -182,7 +182,7 @@ def log_spread(row_scale):
 def make_solver(block_rows):
   """An XLA-compiled single-device solver for a given blocking (one compile per shape and dtype)."""
 
-  @tf.function(jit_compile=True, reduce_retracing=True)
+  @tf.function(jit_compile=True)
   def solve(power, row_scale, max_iters, tol, absorb_limit):
     """Runs up to `max_iters` iterations from `row_scale`; stops once the marginal error <= tol, or
     once the spread of log r exceeds `absorb_limit` (the caller then re-centres the kernel).
@@ -221,21 +221,21 @@ def make_solver(block_rows):
 def make_pass(block_rows):
   """An XLA-compiled single fused pass, for the sharded solver (one all-reduce of [K] per call)."""
 
-  @tf.function(jit_compile=True, reduce_retracing=True)
+  @tf.function(jit_compile=True)
   def one_pass(power, row_scale, inv_num_examples):
     return fused_pass(power, row_scale, inv_num_examples, block_rows)
 
   return one_pass
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def argmax_labels(power, row_scale):
   """argmax_k of Q[n, k] = r_k power[n, k] c_n over the chunks of `power`: int64 [N]."""
   return tf.concat([tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
                     for chunk in power], 0)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function
 def conditional_log_q(power_chunk, row_scale, col_scale_chunk, num_examples):
   """log q(k|n) = log(N Q[n, k]) for a chunk of examples: [n, K] (each row's exp sums to 1)."""
   dtype = row_scale.dtype
