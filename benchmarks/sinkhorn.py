@@ -34,9 +34,9 @@ def define_flags():
   flags.DEFINE_list("shapes", ["500000x1000x1@25", "50000x128x10@10"],
                     "Shapes NxKxT@lam to run (ignored with --imagenet).")
   flags.DEFINE_list("storage_dtypes", ["float32", "float16"], "Storage dtypes of P^lam to time.")
-  flags.DEFINE_list("tolerances", ["0.1", "0.03", "0.01", "0.003", "0.001"],
+  flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01", "0.003"],
                     "Tolerances for the label-stability table (the default tol is among them).")
-  flags.DEFINE_float("converged_tol", 1e-4, "Tolerance of the 'fully converged' reference labels.")
+  flags.DEFINE_float("converged_tol", 1e-3, "Tolerance of the 'fully converged' reference labels.")
   flags.DEFINE_integer("timing_iters", 20, "Iterations timed per ms/iteration figure.")
   flags.DEFINE_integer("reference_max_seconds", 300, "Cap on the numpy reference's run to tolerance.")
   flags.DEFINE_integer("seed", 0, "Seed of the synthetic log-probs.")
@@ -45,7 +45,7 @@ def define_flags():
 class SyntheticLogProbs:
   """Log-probabilities shaped like a trained network's, generated on demand, row block by row block.
 
-  Each example has a 'true' cluster drawn with uneven (Zipf, exponent 0.5) popularity; its logits are
+  Each example has a 'true' cluster drawn with uneven (Zipf, exponent 0.25) popularity; its logits are
   uniform noise of standard deviation 2 plus a margin on the true cluster, so that softmax is confident (mean max-prob
   around 0.7). Rows are generated in fixed blocks from stateless seeds, so any slicing returns the same
   values and the whole matrix never needs to exist in memory.
@@ -56,7 +56,7 @@ class SyntheticLogProbs:
   def __init__(self, num_examples, num_clusters, seed):
     self.shape = (num_examples, num_clusters)
     self._seed = seed
-    popularity = 1.0 / np.sqrt(np.arange(1, num_clusters + 1))
+    popularity = np.arange(1, num_clusters + 1) ** -0.25
     self._log_popularity = tf.constant(np.log(popularity / popularity.sum())[None, :], tf.float32)
     self._margin = math.log(num_clusters) + 2.0  # about log E[sum_k exp(noise_k)]: max-prob near 0.5 ...
 
@@ -168,7 +168,7 @@ def label_stability(head, lam, tolerances, converged_tol):
   rows, previous, total_iters, total_time = [], None, 0, 0.0
   for tol in sorted(tolerances, reverse=True) + [converged_tol]:
     start = time.perf_counter()
-    result = labeller.assign_labels([head], lam, tol=tol, max_iters=20000, warm_start=previous,
+    result = labeller.assign_labels([head], lam, tol=tol, max_iters=10000, warm_start=previous,
                                     log_every=500)
     total_time += time.perf_counter() - start
     total_iters += int(result.iterations[0])

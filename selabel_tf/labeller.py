@@ -36,7 +36,7 @@ from selabel_tf import sinkhorn
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOL = 1e-2
+DEFAULT_TOL = 0.1
 DEFAULT_MAX_ITERS = 2000
 BALANCE_MODES = ("argmax", "exact")
 _CANDIDATES = 8  # clusters per example kept for the exact-equipartition rounding

@@ -1,0 +1,1 @@
+"""Data sources and input pipelines: indexed image datasets, augmentation, tf.data pipelines."""

@@ -1,0 +1,122 @@
+"""tf.data pipelines over an indexed `Dataset`: training, the self-labelling pass, evaluation.
+
+Every element is a dict {"index": int64 [B], "image": float32 [B, S, S, C]}; there are no labels (see
+`sources.Dataset`). The decoded uint8 images sit in memory once; a pipeline maps example indices to
+images, so shuffling, sharding and augmentation never touch the index.
+
+* Order. Training visits a stateless random permutation of [0, N) per epoch
+  (`tf.random.experimental.index_shuffle` keyed by (seed, epoch)); the label pass visits 0..N-1 in order.
+* Sharding. With a `tf.distribute.InputContext` (replicas across workers) each input pipeline takes
+  every num_input_pipelines-th position of that order, so shards are disjoint and cover the epoch.
+* Augmentation. An example's random parameters depend only on (seed, epoch or pass, index)
+  (`augment.sample_params`), so an epoch or a label pass is the same whatever the batching, sharding
+  or restart; the pixels are then transformed a whole batch at a time (`augment.apply_batch`).
+"""
+
+from typing import Optional
+
+import tensorflow as tf
+
+from selabel_tf.data import augment
+from selabel_tf.data.sources import Dataset
+
+# Seeds of the augmentation streams; the training stream and each label pass must not coincide.
+_TRAIN_STREAM, _LABEL_PASS_STREAM = 1, 2
+
+
+def _images_tensor(dataset: Dataset):
+  # Kept on the host: tf.data runs there, and the batch goes to the devices after augmentation.
+  with tf.device("/cpu:0"):
+    return tf.constant(dataset.images)
+
+
+def _shard(ds, input_context):
+  if input_context is None or input_context.num_input_pipelines == 1:
+    return ds
+  return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+
+def _batch_and_augment(ds, images, config, seed, stream, epoch, batch_size, drop_remainder):
+  height, width = int(images.shape[1]), int(images.shape[2])
+  key = tf.constant([seed, stream], tf.int64)
+
+  def params(index):
+    example_seed = tf.random.experimental.stateless_fold_in(key, epoch)
+    return index, augment.sample_params(index, example_seed, height, width, config)
+
+  def transform(index, batch_params):
+    batch = tf.gather(images, index)
+    return {"index": index, "image": augment.apply_batch(batch, batch_params, config)}
+
+  ds = ds.map(params, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def train_dataset(dataset: Dataset,
+                  config: augment.AugmentConfig,
+                  *,
+                  batch_size: int,
+                  seed: int,
+                  initial_epoch: int = 0,
+                  input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+  """Endless training batches: epoch after epoch from `initial_epoch`, each a fresh permutation.
+
+  Args:
+    dataset: the indexed images.
+    config: augmentation (strength "none" gives the evaluation transform).
+    batch_size: per input pipeline (use `input_context.get_per_replica_batch_size` under a strategy).
+    seed: seed of the permutations and augmentations.
+    initial_epoch: the first epoch (a resumed run passes its epoch, and sees the same data).
+    input_context: shards the stream across input pipelines.
+
+  Returns:
+    A dataset of {"index", "image"} batches; an epoch is N // (batch_size * pipelines) batches.
+  """
+  num_examples = dataset.num_examples
+  images = _images_tensor(dataset)
+
+  def one_epoch(epoch):
+    key = tf.stack([tf.constant(seed, tf.int64), tf.constant(_TRAIN_STREAM, tf.int64), epoch])
+    positions = _shard(tf.data.Dataset.range(num_examples), input_context)
+    order = positions.map(lambda i: tf.random.experimental.index_shuffle(i, key, num_examples - 1),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _batch_and_augment(order, images, config, seed, _TRAIN_STREAM, epoch, batch_size,
+                              drop_remainder=True)
+
+  epochs = tf.data.Dataset.range(initial_epoch, 1 << 62)
+  return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def label_pass_dataset(dataset: Dataset,
+                       config: augment.AugmentConfig,
+                       *,
+                       batch_size: int,
+                       seed: int,
+                       pass_index: int = 0,
+                       input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+  """One deterministic pass over every example, in index order, for collecting log-probabilities.
+
+  The paper labels on augmented data (P = E_t[log softmax], sec. 3.4): pass the training config, and
+  a different `pass_index` for each of several averaged passes; strength "none" labels without
+  augmentation. The last batch may be short.
+  """
+  images = _images_tensor(dataset)
+  positions = _shard(tf.data.Dataset.range(dataset.num_examples), input_context)
+  ds = _batch_and_augment(positions, images, config, seed, _LABEL_PASS_STREAM,
+                          tf.constant(pass_index, tf.int64), batch_size, drop_remainder=False)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(dataset: Dataset, config: augment.AugmentConfig, *, batch_size: int,
+                       input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+  """Every example once, in index order, with the evaluation transform (resize, centre crop)."""
+  images = _images_tensor(dataset)
+  positions = _shard(tf.data.Dataset.range(dataset.num_examples), input_context)
+
+  def transform(index):
+    return {"index": index, "image": augment.evaluation_batch(tf.gather(images, index), config)}
+
+  ds = positions.batch(batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE,
+                                        deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
