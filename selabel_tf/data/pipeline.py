@@ -77,7 +77,7 @@ def train_dataset(dataset: Dataset,
   images = _images_tensor(dataset)
 
   def one_epoch(epoch):
-    key = tf.stack([tf.constant(seed, tf.int64), tf.constant(_TRAIN_STREAM, tf.int64), epoch])
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, _TRAIN_STREAM], tf.int64), epoch)
     positions = _shard(tf.data.Dataset.range(num_examples), input_context)
     order = positions.map(lambda i: tf.random.experimental.index_shuffle(i, key, num_examples - 1),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

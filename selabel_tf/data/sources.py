@@ -35,6 +35,7 @@ DEFAULT_CACHE_BYTES = 8 << 30
 _IDX_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 # Which augmentation family and normalisation a dataset uses (see selabel_tf.data.augment).
 _KIND = {"imagenet2012": "imagenet"}
+_NORMALIZATION_KEY = {"imagenet2012": "imagenet", "svhn_cropped": "svhn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,23 @@ class Dataset:
   @property
   def channels(self) -> int:
     return int(self.images.shape[-1])
+
+  def normalization(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel (mean, std) in [0, 1] units: the published values for known datasets, else measured."""
+    from selabel_tf.data import augment  # pylint: disable=g-import-not-at-top
+    known = augment.NORMALIZATION.get(_NORMALIZATION_KEY.get(self.name, self.name))
+    if known is not None and len(known[0]) == self.channels:
+      return known
+    pixels = self.images.reshape(-1, self.channels)[::max(1, self.images.size // self.channels // 10**7)]
+    pixels = pixels.astype(np.float64) / 255.0
+    return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
+
+  def augment_config(self, image_size: Optional[int] = None, strength: str = "paper"):
+    """The official code's augmentation for this dataset (see `augment.config_for`)."""
+    from selabel_tf.data import augment  # pylint: disable=g-import-not-at-top
+    mean, std = self.normalization()
+    return augment.config_for(self.kind, image_size or int(self.images.shape[1]), self.channels, mean,
+                              std, strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +381,9 @@ def _load_image_folder(path, split, image_size, channels, holdout_fraction, seed
   from selabel_tf.data import image_folder  # pylint: disable=g-import-not-at-top
   if image_size is None:
     raise ValueError(f"image folder {path}: image_size is needed (the side all images are resized to)")
+  has_split_dirs = any(os.path.isdir(os.path.join(path, d)) for d in image_folder.SPLIT_NAMES)
+  if not has_split_dirs and holdout_fraction is None:
+    split = None  # one folder, no holdout: every image is in the (only) split
   folder = image_folder.load_image_folder(path, image_size=image_size, channels=channels or 3,
                                           split=split, holdout_fraction=holdout_fraction, seed=seed,
                                           on_bad=on_bad)
