@@ -34,9 +34,9 @@ def define_flags():
   flags.DEFINE_list("shapes", ["500000x1000x1@25", "50000x128x10@10"],
                     "Shapes NxKxT@lam to run (ignored with --imagenet).")
   flags.DEFINE_list("storage_dtypes", ["float32", "float16"], "Storage dtypes of P^lam to time.")
-  flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01", "0.003"],
+  flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01"],
                     "Tolerances for the label-stability table (the default tol is among them).")
-  flags.DEFINE_float("converged_tol", 1e-3, "Tolerance of the 'fully converged' reference labels.")
+  flags.DEFINE_float("converged_tol", 3e-3, "Tolerance of the 'fully converged' reference labels.")
   flags.DEFINE_integer("timing_iters", 20, "Iterations timed per ms/iteration figure.")
   flags.DEFINE_integer("reference_max_seconds", 300, "Cap on the numpy reference's run to tolerance.")
   flags.DEFINE_integer("seed", 0, "Seed of the synthetic log-probs.")
@@ -168,7 +168,7 @@ def label_stability(head, lam, tolerances, converged_tol):
   rows, previous, total_iters, total_time = [], None, 0, 0.0
   for tol in sorted(tolerances, reverse=True) + [converged_tol]:
     start = time.perf_counter()
-    result = labeller.assign_labels([head], lam, tol=tol, max_iters=10000, warm_start=previous,
+    result = labeller.assign_labels([head], lam, tol=tol, max_iters=6000, warm_start=previous,
                                     log_every=500)
     total_time += time.perf_counter() - start
     total_iters += int(result.iterations[0])

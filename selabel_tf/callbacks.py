@@ -1,0 +1,184 @@
+"""Keras callbacks of SeLa: self-labelling at scheduled training steps.
+
+`SelfLabelCallback` drops into any `model.fit` whose model returns per-head logits (a list of [B, K_t]),
+given a dataset of {"index", "image"} batches for the labelling pass. At each scheduled step it
+1. runs one pass over the data (augmented by default, as in the paper, sec. 3.4) and collects each
+   head's log-probabilities by example index, averaged over `num_passes` passes;
+2. runs the XLA labeller, warm-started from the last labelling's alpha;
+3. stores the labels (and alpha, and the schedule position) in a `SelfLabelState`.
+
+With `SelaModel` the state is the model's own (`model.label_state`): its weights are checkpointed with
+the model. With a model of your own, the callback makes a state; `with_self_labels(dataset, state)` turns
+{"index", "image"} batches into (image, labels) for a plain `compile(loss=...)`.
+"""
+
+import logging
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from selabel_tf import labeller
+from selabel_tf import schedule as schedule_lib
+from selabel_tf.modeling.sela import SelfLabelState
+
+logger = logging.getLogger(__name__)
+
+
+def with_self_labels(dataset: tf.data.Dataset, state: SelfLabelState) -> tf.data.Dataset:
+  """Maps {"index", "image"} batches to (image, (labels_0, ..., labels_{T-1})) from `state`.
+
+  The labels are read when each batch is made, so a labelling takes effect from the next batch on.
+  """
+  return dataset.map(lambda batch: (batch["image"], state.lookup(batch["index"])))
+
+
+class SelfLabelCallback(keras.callbacks.Callback):
+  """Re-assigns the self-labels at the scheduled training steps (paper Step 2).
+
+  Args:
+    label_pass: a dataset of {"index", "image"} batches covering every example once, or a callable
+      `pass_index -> dataset` (for several averaged passes with different augmentations).
+    num_examples: N.
+    lam: lambda of the labeller (paper: 10 on CIFAR/SVHN, 25 on ImageNet).
+    steps: the training steps before which to label (see `schedule.labelling_steps`); counted by the
+      optimizer's `iterations`, so a restored run continues the schedule.
+    state: where the labels live; default: a new state when `num_clusters` is given (read it as
+      `callback.state`), else `model.label_state` (SelaModel).
+    num_clusters: K per head, for a model of your own (no `label_state`).
+    num_passes: label passes averaged (P = E_t[log softmax]).
+    labeller_options: keyword arguments for `labeller.assign_labels` (tol, max_iters, dtype, ...).
+    log_dir: TensorBoard directory for the labelling metrics (None: Keras logs and the console only).
+    verbose: 0 silent, 1 progress bars for the label pass.
+  """
+
+  def __init__(self,
+               label_pass: Union[tf.data.Dataset, Callable[[int], tf.data.Dataset]],
+               num_examples: int,
+               lam: float,
+               steps: Sequence[int],
+               *,
+               state: Optional[SelfLabelState] = None,
+               num_clusters: Optional[Sequence[int]] = None,
+               num_passes: int = 1,
+               labeller_options: Optional[dict] = None,
+               log_dir: Optional[str] = None,
+               verbose: int = 1):
+    super().__init__()
+    if num_passes < 1:
+      raise ValueError(f"num_passes must be >= 1, got {num_passes}")
+    self.label_pass = label_pass
+    self.num_examples = int(num_examples)
+    self.lam = float(lam)
+    self.steps = np.asarray(sorted(set(int(s) for s in steps)), np.int64)
+    self.num_clusters = None if num_clusters is None else tuple(num_clusters)
+    if state is None and self.num_clusters is not None:
+      state = SelfLabelState(self.num_examples, self.num_clusters, name="label_state")
+    self.state = state
+    self.num_passes = num_passes
+    self.labeller_options = dict(labeller_options or {})
+    self.verbose = verbose
+    self.last_metrics = {}
+    self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+
+  @classmethod
+  def with_schedule(cls, label_pass, num_examples, lam, *, total_steps, num_labellings,
+                    spacing="linear", **kwargs):
+    """A callback labelling `num_labellings` times over `total_steps` (the paper's #opts)."""
+    steps = schedule_lib.labelling_steps(total_steps, num_labellings, spacing)
+    return cls(label_pass, num_examples, lam, steps, **kwargs)
+
+  def set_model(self, model):
+    super().set_model(model)
+    if self.state is None:
+      self.state = getattr(model, "label_state", None)
+    if self.state is None:
+      raise ValueError("SelfLabelCallback: the model has no label_state; pass num_clusters=(K_0, ...)")
+    if self.state.num_examples != self.num_examples:
+      raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
+                       f"{self.state.num_examples}")
+
+  def _due(self) -> bool:
+    done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
+    if done >= len(self.steps):
+      return False
+    return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.steps[done]
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if self._due():
+      self.relabel()
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is not None:
+      logs.update(self.last_metrics)
+
+  def collect_log_probs(self) -> list:
+    """One pass (or the average of `num_passes`) of log softmax per head: T arrays [N, K_t]."""
+    total = None
+    for pass_index in range(self.num_passes):
+      ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
+      start = time.perf_counter()
+      indices, outputs = [], None
+      progress = keras.utils.Progbar(None, unit_name="batch") if self.verbose else None
+      for step, batch in enumerate(ds):
+        logits = self.model.predict_on_batch(batch["image"])
+        logits = logits if isinstance(logits, (list, tuple)) else [logits]
+        if outputs is None:
+          outputs = [[] for _ in logits]
+        for t, head in enumerate(logits):
+          outputs[t].append(tf.nn.log_softmax(tf.cast(head, tf.float32)).numpy())
+        indices.append(np.asarray(batch["index"]))
+        if progress is not None:
+          progress.update(step + 1)
+      indices = np.concatenate(indices)
+      if indices.shape[0] != self.num_examples or not np.array_equal(np.sort(indices),
+                                                                      np.arange(self.num_examples)):
+        raise ValueError(f"SelfLabelCallback: the label pass must yield every index in "
+                         f"[0, {self.num_examples}) once; got {indices.shape[0]} indices")
+      order = np.argsort(indices, kind="stable")
+      log_probs = [np.concatenate(head)[order] for head in outputs]
+      total = log_probs if total is None else [a + b for a, b in zip(total, log_probs)]
+      logger.info("label pass %d/%d: %d examples in %.1f s", pass_index + 1, self.num_passes,
+                  self.num_examples, time.perf_counter() - start)
+    return [lp / self.num_passes for lp in total]
+
+  def relabel(self):
+    """Runs the label pass and the labeller now, and stores the new labels."""
+    start = time.perf_counter()
+    log_probs = self.collect_log_probs()
+    pass_seconds = time.perf_counter() - start
+    previous = self.state.current_labels()
+    result = labeller.assign_labels(log_probs, self.lam, warm_start=self.state.warm_start(),
+                                    **self.labeller_options)
+    self.state.assign(result.labels, result.log_row_scale)
+    seconds = time.perf_counter() - start
+    sizes = [np.bincount(result.labels[t], minlength=k) for t, k in enumerate(self.state.num_clusters)]
+    metrics = {
+        "selabel_iterations": float(np.mean(result.iterations)),
+        "selabel_seconds": seconds,
+        "selabel_pass_seconds": pass_seconds,
+        "selabel_marginal_error": float(np.max(result.marginal_error)),
+        "selabel_changed": float(np.mean(result.labels != previous)),
+        "selabel_smallest_cluster": float(min(s.min() for s in sizes)),
+        "selabel_largest_cluster": float(max(s.max() for s in sizes)),
+    }
+    self.last_metrics = metrics
+    step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+    logger.info(
+        "self-labelling %d at step %d: %.1f s (pass %.1f s), Sinkhorn iterations %s, marginal error "
+        "%.3g, labels changed per head %s, cluster sizes %d..%d",
+        int(keras.ops.convert_to_numpy(self.state.num_labellings)), step, seconds, pass_seconds,
+        result.iterations.tolist(), metrics["selabel_marginal_error"],
+        np.round(np.mean(result.labels != previous, axis=1), 4).tolist(),
+        metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"])
+    if self._writer is not None:
+      with self._writer.as_default():
+        for name, value in metrics.items():
+          tf.summary.scalar(name, value, step=step)
+        for t in range(result.labels.shape[0]):
+          tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(result.labels[t] != previous[t])),
+                            step=step)
+        self._writer.flush()
+    return result

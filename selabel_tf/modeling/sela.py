@@ -1,0 +1,127 @@
+"""The SeLa model: a backbone, T linear heads, and the self-labels it trains against.
+
+`SelfLabelState` holds what self-labelling must carry across restarts as non-trainable weights: the
+labels [T, N], each head's log alpha (the labeller's warm start, paper sec. 3.1) and how many labellings
+are done (the schedule position). As weights of the model they are saved by `model.save_weights`, so
+checkpoints and `keras.callbacks.BackupAndRestore` carry them with the network and the optimizer.
+
+`SelaModel.train_step` looks the labels of a batch up by example index and minimises the mean over heads
+of the cross-entropy (paper eq. 1 with T heads, sec. 3.5), through Keras' own train step, so that
+distribution, loss scaling and metrics are Keras'.
+"""
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from selabel_tf.modeling import backbones
+from selabel_tf.modeling import heads as heads_lib
+
+
+@keras.saving.register_keras_serializable(package="selabel_tf")
+class SelfLabelState(keras.layers.Layer):
+  """Self-labels and labeller state, as checkpointed non-trainable weights.
+
+  Weights:
+    labels_{t}: int32 [N], head t's label of each example (initially example index mod K_t).
+    log_alpha_{t}: float32 [K_t], head t's log alpha from the last labelling.
+    num_labellings: int32 scalar, labellings done so far (the schedule position).
+  """
+
+  def __init__(self, num_examples: int, num_clusters: Sequence[int], **kwargs):
+    super().__init__(trainable=False, **kwargs)
+    self.num_examples = int(num_examples)
+    self.num_clusters = tuple(int(k) for k in num_clusters)
+    self.labels, self.log_alpha = [], []
+    for t, k in enumerate(self.num_clusters):
+      initial = np.arange(self.num_examples) % k
+      self.labels.append(self.add_weight(
+          name=f"labels_{t}", shape=(self.num_examples,), dtype="int32", trainable=False,
+          initializer=lambda shape, dtype, initial=initial: tf.constant(initial, dtype)))
+      self.log_alpha.append(self.add_weight(name=f"log_alpha_{t}", shape=(k,), dtype="float32",
+                                            trainable=False, initializer="zeros"))
+    self.num_labellings = self.add_weight(name="num_labellings", shape=(), dtype="int32",
+                                          trainable=False, initializer="zeros")
+    self.built = True
+
+  def lookup(self, index):
+    """Labels of the examples `index` (int [B]), one int32 [B] tensor per head."""
+    return tuple(tf.gather(labels, index) for labels in self.labels)
+
+  def assign(self, labels: np.ndarray, log_alpha: Sequence[np.ndarray]):
+    """Stores a labelling (int [T, N] and T log alpha vectors) and counts it."""
+    for t in range(len(self.num_clusters)):
+      self.labels[t].assign(np.asarray(labels[t], np.int32))
+      self.log_alpha[t].assign(np.asarray(log_alpha[t], np.float32))
+    self.num_labellings.assign_add(1)
+
+  def current_labels(self) -> np.ndarray:
+    return np.stack([np.asarray(keras.ops.convert_to_numpy(v)) for v in self.labels])
+
+  def warm_start(self):
+    """The log alpha vectors to continue from, or None before the first labelling."""
+    if int(keras.ops.convert_to_numpy(self.num_labellings)) == 0:
+      return None
+    return [np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in self.log_alpha]
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_examples=self.num_examples, num_clusters=list(self.num_clusters))
+    return config
+
+
+@keras.saving.register_keras_serializable(package="selabel_tf")
+class SelaModel(keras.Model):
+  """Backbone + T heads, trained with cross-entropy against its own `label_state`.
+
+  Inputs of `fit`: dicts {"index": int [B], "image": float [B, H, W, C]} (see selabel_tf.data.pipeline).
+  `call(images)` returns the list of T logits [B, K_t], float32.
+  """
+
+  def __init__(self, architecture: str, image_shape: Sequence[int], num_clusters: Sequence[int],
+               num_examples: int, **kwargs):
+    super().__init__(**kwargs)
+    self.architecture = architecture
+    self.image_shape = tuple(int(d) for d in image_shape)
+    self.num_clusters = tuple(int(k) for k in num_clusters)
+    self.num_examples = int(num_examples)
+    self.backbone = backbones.build_backbone(architecture, self.image_shape)
+    self.heads = heads_lib.MultiHead(self.num_clusters, name="heads")
+    self.label_state = SelfLabelState(self.num_examples, self.num_clusters, name="label_state")
+
+  def build(self, input_shape=None):
+    del input_shape
+    self.heads.build(self.backbone.output["features"].shape)
+    self.built = True
+
+  def call(self, images, training=False):
+    features = self.backbone(images, training=training)["features"]
+    return self.heads(features)
+
+  def features(self, images, training=False):
+    """The backbone's named activations (for probes) and "features"."""
+    return self.backbone(images, training=training)
+
+  def _with_labels(self, data):
+    return data["image"], self.label_state.lookup(data["index"])
+
+  def train_step(self, data):
+    return super().train_step(self._with_labels(data))
+
+  def test_step(self, data):
+    return super().test_step(self._with_labels(data))
+
+  def compile_for_self_labelling(self, optimizer, **kwargs):
+    """compile() with the paper's loss: the mean over heads of softmax cross-entropy."""
+    num_heads = len(self.num_clusters)
+    self.compile(
+        optimizer=optimizer,
+        loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True) for _ in range(num_heads)],
+        loss_weights=[1.0 / num_heads] * num_heads, **kwargs)
+
+  def get_config(self):
+    return {"architecture": self.architecture, "image_shape": list(self.image_shape),
+            "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,
+            "name": self.name}

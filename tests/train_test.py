@@ -1,0 +1,148 @@
+"""Tests of the main job: schedule, SelaModel, SelfLabelCallback, the README example, and bin/train."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from selabel_tf import schedule
+from selabel_tf import train
+from selabel_tf.modeling.sela import SelaModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_linear_schedule_includes_the_start_and_is_even():
+  steps = schedule.labelling_steps(400, 4, "linear")
+  assert steps.tolist() == [0, 100, 200, 300]
+
+
+def test_quadratic_schedule_is_denser_early():
+  steps = schedule.labelling_steps(10000, 10, "quadratic")
+  assert steps[0] == 0 and len(steps) == 10
+  gaps = np.diff(steps)
+  assert np.all(np.diff(gaps) > 0)  # gaps grow: denser early
+  assert steps.tolist() == [int(10000 * (i / 10) ** 2) for i in range(10)]
+
+
+def test_schedule_more_labellings_than_steps_fires_every_step():
+  assert schedule.labelling_steps(3, 10, "linear").tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("args,match", [((10, 0, "linear"), "nopts"), ((0, 2, "linear"), "total_steps"),
+                                        ((10, 2, "cubic"), "spacing")])
+def test_schedule_errors(args, match):
+  with pytest.raises(ValueError, match=match):
+    schedule.labelling_steps(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def test_sela_model_config_round_trip_and_label_lookup():
+  model = SelaModel("alexnet_small", (28, 28, 1), (5, 7), 40, name="sela")
+  model.build()
+  clone = SelaModel.from_config(model.get_config())
+  clone.build()
+  assert clone.get_config() == model.get_config()
+  assert [tuple(w.shape) for w in clone.weights] == [tuple(w.shape) for w in model.weights]
+  logits = model(tf.zeros((3, 28, 28, 1)))
+  assert [tuple(l.shape) for l in logits] == [(3, 5), (3, 7)]
+  model.label_state.assign(np.stack([np.arange(40) % 5, np.arange(40) % 7]), [np.zeros(5), np.zeros(7)])
+  head0, head1 = model.label_state.lookup(tf.constant([3, 12, 39]))
+  assert head0.numpy().tolist() == [3, 2, 4] and head1.numpy().tolist() == [3, 5, 4]
+  assert int(model.label_state.num_labellings.numpy()) == 1
+
+
+def test_label_state_is_checkpointed_with_the_model(tmp_path):
+  model = SelaModel("alexnet_small", (28, 28, 1), (5,), 30, name="sela")
+  model.build()
+  labels = np.random.default_rng(0).integers(0, 5, size=(1, 30))
+  model.label_state.assign(labels, [np.arange(5.0)])
+  path = str(tmp_path / "m.weights.h5")
+  model.save_weights(path)
+  restored = SelaModel("alexnet_small", (28, 28, 1), (5,), 30, name="sela")
+  restored.build()
+  restored.load_weights(path)
+  assert np.array_equal(restored.label_state.current_labels(), labels)
+  assert np.array_equal(restored.label_state.warm_start()[0], np.arange(5.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# The README example: a user's own functional model with the callback.
+
+
+def test_readme_own_model_example_runs():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  block = re.search(r"<!-- own-model-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  callback, labels = namespace["callback"], namespace["labels"]
+  assert int(callback.state.num_labellings.numpy()) == 2
+  assert labels.shape == (2, 60000)
+  # The labeller's soft assignment is equipartitioned to tol; the argmax labels of a barely trained
+  # network are rougher, but use every cluster and are no longer the initial index mod K.
+  assert callback.last_metrics["selabel_marginal_error"] <= 0.1
+  for head in labels:
+    assert np.bincount(head, minlength=10).min() > 0
+    assert np.mean(head != np.arange(60000) % 10) > 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# bin/train: bad input exits 2 with one line naming the flag.
+
+
+def _train_cli(*flags, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "train"), *flags], cwd=cwd,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8),
+           labels=rng.integers(0, 4, size=64))
+  return str(path)
+
+
+@pytest.mark.parametrize("name,flags,needle", [
+    ("architecture", ["--architecture=vgg"], "--architecture='vgg' is unknown"),
+    ("dataset", ["--dataset=no_such_data"], "--dataset=no_such_data"),
+    ("lam", ["--lam=0"], "--lam=0.0 must be > 0"),
+    ("heads", ["--heads=x10"], "--heads"),
+    ("flagfile", ["--flagfile=/nonexistent/x.cfg"], "/nonexistent/x.cfg"),
+    ("batch", ["--strategy=mirrored", "--cpu_devices=2", "--batch_size=3"], "--batch_size=3"),
+    ("k_vs_n", ["--heads=64"], "--heads=64"),
+])
+def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
+  del name
+  result = _train_cli(f"--dataset={tiny_npz}", f"--run_dir={tmp_path / 'run'}", *flags)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_run_dir_of_another_config(tiny_npz, tmp_path):
+  run_dir = tmp_path / "run"
+  config = train.TrainConfig(dataset=tiny_npz, run_dir=str(run_dir), heads="4", batch_size=16)
+  train.prepare_run_dir(config)
+  result = _train_cli(f"--dataset={tiny_npz}", f"--run_dir={run_dir}", "--heads=4", "--lam=3",
+                      "--batch_size=16")
+  assert result.returncode == 2 and "another configuration" in result.stderr and "--lam" in result.stderr
+  with open(run_dir / "config.json") as f:
+    assert json.load(f)["lam"] == 10.0  # the earlier run's files are intact
