@@ -220,7 +220,27 @@ def _assignment(results, tol):
                          marginal_error=np.asarray(errors, np.float64), tol=tol)
 
 
-class _LocalHead:
+class _Head:
+  """What the local and sharded heads share: the first kernel statistics double as the input check."""
+
+  _stats = None
+
+  def check_finite(self, head_index, log_alpha):
+    log_alpha = np.zeros(self.num_clusters) if log_alpha is None else log_alpha
+    self._stats = (log_alpha, self._kernel_stats(log_alpha))
+    _raise_if_nonfinite(self._stats[1][2], head_index, self.num_examples * self.num_clusters)
+
+  def _offsets(self, log_alpha):
+    """(col_offset, row_offset) for `log_alpha`, reusing the statistics of `check_finite`."""
+    if self._stats is not None and np.array_equal(self._stats[0], log_alpha):
+      col_offset, row_offset, _ = self._stats[1]
+    else:
+      col_offset, row_offset, _ = self._kernel_stats(log_alpha)
+    self._stats = None
+    return col_offset, row_offset
+
+
+class _LocalHead(_Head):
   """One head's kernel on the current device, as a tuple of row chunks."""
 
   def __init__(self, head, lam, dtype, storage_dtype, device_type):
@@ -247,17 +267,8 @@ class _LocalHead:
       nonfinite += int(bad)
     return tf.concat(col_offsets, 0), row_max - log_alpha_t, nonfinite
 
-  def check_finite(self, head_index, log_alpha):
-    log_alpha = np.zeros(self.num_clusters) if log_alpha is None else log_alpha
-    self._stats = (log_alpha, self._kernel_stats(log_alpha))
-    _raise_if_nonfinite(self._stats[1][2], head_index, self.num_examples * self.num_clusters)
-
   def build_kernel(self, log_alpha):
-    if self._stats is not None and np.array_equal(self._stats[0], log_alpha):
-      col_offset, row_offset, _ = self._stats[1]
-    else:
-      col_offset, row_offset, _ = self._kernel_stats(log_alpha)
-    self._stats = None
+    col_offset, row_offset = self._offsets(log_alpha)
     self.power = None  # the old kernel goes before the new one is built
     probe = tf.zeros([], self.storage_dtype)
     self.power = tuple(
@@ -310,7 +321,7 @@ class _LocalHead:
     self.power = None
 
 
-class _ShardedHead:
+class _ShardedHead(_Head):
   """One head's kernel sharded over the replicas of a strategy: each replica holds its rows."""
 
   def __init__(self, strategy, per_replica_log_probs, head_index, lam, dtype, storage_dtype):
@@ -341,17 +352,8 @@ class _ShardedHead:
     row_offset = tf.reduce_max(stacked, axis=0) - log_alpha_t
     return col_offset, row_offset, int(self._sum(nonfinite))
 
-  def check_finite(self, head_index, log_alpha):
-    log_alpha = np.zeros(self.num_clusters) if log_alpha is None else log_alpha
-    self._stats = (log_alpha, self._kernel_stats(log_alpha))
-    _raise_if_nonfinite(self._stats[1][2], head_index, self.num_examples * self.num_clusters)
-
   def build_kernel(self, log_alpha):
-    if self._stats is not None and np.array_equal(self._stats[0], log_alpha):
-      col_offset, row_offset, _ = self._stats[1]
-    else:
-      col_offset, row_offset, _ = self._kernel_stats(log_alpha)
-    self._stats = None
+    col_offset, row_offset = self._offsets(log_alpha)
     self.power = None
     probe = tf.zeros([], self.storage_dtype)
     self.power = self.strategy.run(

@@ -166,7 +166,8 @@ def write_atomically(path: str, write):
   """Calls write(temporary_path), then renames it over `path`: a reader never sees a partial file."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  suffix = "".join(os.path.splitext(path)[1:]) or ".tmp"
+  name = os.path.basename(path)
+  suffix = name[name.index("."):] if "." in name else ".tmp"  # keeps ".weights.h5", which Keras requires
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
   os.close(fd)
   try:

@@ -13,3 +13,21 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def make_npz(tmp_path_factory):
+  """make_npz(num_examples, size, num_classes) -> path of a random uint8 .npz dataset with labels."""
+
+  def make(num_examples, size, num_classes):
+    path = tmp_path_factory.mktemp("data") / f"random_{num_examples}_{size}.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, size=(num_examples, size, size), dtype=np.uint8),
+             labels=rng.integers(0, num_classes, size=num_examples))
+    return str(path)
+
+  return make

@@ -273,3 +273,50 @@ def test_ground_truth_cannot_reach_training(small):
     if isinstance(value, np.ndarray) and value.shape == truth.labels.shape:
       assert not np.array_equal(value, truth.labels), field.name
   assert not any("label" in field.name for field in dataclasses.fields(dataset))
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamed datasets (too large to cache, e.g. ImageNet): forced here with a zero cache.
+
+
+@pytest.fixture(scope="module")
+def streamed_and_cached(tfds_dir):
+  streamed, streamed_truth = sources.load("fashion_mnist", data_dir=tfds_dir, split="test", cache_bytes=0)
+  cached, cached_truth = sources.load("fashion_mnist", data_dir=tfds_dir, split="test")
+  return streamed, streamed_truth, cached, cached_truth
+
+
+def test_streamed_dataset_has_the_cached_indices_and_labels(streamed_and_cached):
+  streamed, streamed_truth, cached, cached_truth = streamed_and_cached
+  assert streamed.streamed and not cached.streamed
+  assert streamed.num_examples == cached.num_examples == 10000
+  np.testing.assert_array_equal(streamed_truth.labels, cached_truth.labels)
+  config = cached.augment_config(strength="none")
+  first = next(iter(pipeline.evaluation_dataset(streamed, config, batch_size=500)))
+  expected = next(iter(pipeline.evaluation_dataset(cached, config, batch_size=500)))
+  np.testing.assert_array_equal(first["index"].numpy(), np.arange(500))
+  np.testing.assert_allclose(first["image"].numpy(), expected["image"].numpy(), atol=1e-5)
+
+
+def test_streamed_label_pass_matches_the_cached_one(streamed_and_cached):
+  streamed, _, cached, _ = streamed_and_cached
+  config = cached.augment_config(strength="paper")
+  got = next(iter(pipeline.label_pass_dataset(streamed, config, batch_size=256, seed=5, pass_index=2)))
+  want = next(iter(pipeline.label_pass_dataset(cached, config, batch_size=256, seed=5, pass_index=2)))
+  np.testing.assert_array_equal(got["index"].numpy(), want["index"].numpy())
+  np.testing.assert_allclose(got["image"].numpy(), want["image"].numpy(), atol=1e-4)
+
+
+def test_streamed_training_epoch_covers_each_shard_once(streamed_and_cached):
+  streamed, _, cached, _ = streamed_and_cached
+  config = cached.augment_config(strength="paper")
+  shards = []
+  for pipeline_id in range(2):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id)
+    ds = pipeline.train_dataset(streamed, config, batch_size=1000, seed=0, input_context=context)
+    shards.append(_epoch_indices(ds, 5))
+  assert not set(shards[0]) & set(shards[1])
+  assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(10000))
+  again = _epoch_indices(pipeline.train_dataset(streamed, config, batch_size=1000, seed=0,
+                                                input_context=tf.distribute.InputContext(2, 0)), 5)
+  np.testing.assert_array_equal(again, shards[0])

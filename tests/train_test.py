@@ -111,12 +111,8 @@ def _train_cli(*flags, cwd=ROOT):
 
 
 @pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-  path = tmp_path_factory.mktemp("data") / "tiny.npz"
-  rng = np.random.default_rng(0)
-  np.savez(path, images=rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8),
-           labels=rng.integers(0, 4, size=64))
-  return str(path)
+def tiny_npz(make_npz):
+  return make_npz(64, 28, 4)
 
 
 @pytest.mark.parametrize("name,flags,needle", [

@@ -2,7 +2,9 @@
 
 Every element is a dict {"index": int64 [B], "image": float32 [B, S, S, C]}; there are no labels (see
 `sources.Dataset`). The decoded uint8 images sit in memory once; a pipeline maps example indices to
-images, so shuffling, sharding and augmentation never touch the index.
+images, so shuffling, sharding and augmentation never touch the index. A streamed dataset (too large to
+cache, e.g. ImageNet) is read in index order with its index attached, shuffled with a seeded buffer,
+and augmented one image at a time (its images differ in size).
 
 * Order. Training visits a stateless random permutation of [0, N) per epoch
   (`tf.random.experimental.index_shuffle` keyed by (seed, epoch)); the label pass visits 0..N-1 in order.
@@ -22,6 +24,7 @@ from selabel_tf.data.sources import Dataset
 
 # Seeds of the augmentation streams; the training stream and each label pass must not coincide.
 _TRAIN_STREAM, _LABEL_PASS_STREAM = 1, 2
+SHUFFLE_BUFFER = 16384  # streamed datasets only
 
 
 def _images_tensor(dataset: Dataset):
@@ -53,6 +56,24 @@ def _batch_and_augment(ds, images, config, seed, stream, epoch, batch_size, drop
   return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def _augment_streamed(ds, config, seed, stream, epoch):
+  """(index, uint8 image [H, W, C]) -> (index, float32 [S, S, C]), parameters keyed like in memory."""
+  key = tf.constant([seed, stream], tf.int64)
+
+  def one(index, image):
+    example_seed = tf.random.experimental.stateless_fold_in(key, epoch)
+    params = augment.sample_params(index, example_seed, tf.shape(image)[0], tf.shape(image)[1], config)
+    batched = {name: value[None] for name, value in params.items()}
+    return index, augment.apply_batch(image[None], batched, config)[0]
+
+  return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _as_batches(ds, batch_size, drop_remainder):
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.map(lambda index, image: {"index": index, "image": image})
+
+
 def train_dataset(dataset: Dataset,
                   config: augment.AugmentConfig,
                   *,
@@ -74,6 +95,17 @@ def train_dataset(dataset: Dataset,
     A dataset of {"index", "image"} batches; an epoch is N // (batch_size * pipelines) batches.
   """
   num_examples = dataset.num_examples
+  if dataset.streamed:
+    def one_streamed_epoch(epoch):
+      shuffle_seed = tf.random.experimental.stateless_fold_in(
+          tf.constant([seed, _TRAIN_STREAM], tf.int64), epoch)[0]
+      ds = _shard(dataset.stream(), input_context).shuffle(SHUFFLE_BUFFER, seed=shuffle_seed,
+                                                           reshuffle_each_iteration=False)
+      ds = _augment_streamed(ds, config, seed, _TRAIN_STREAM, epoch)
+      return _as_batches(ds, batch_size, drop_remainder=True)
+
+    epochs = tf.data.Dataset.range(initial_epoch, 1 << 62)
+    return epochs.flat_map(one_streamed_epoch).prefetch(tf.data.AUTOTUNE)
   images = _images_tensor(dataset)
 
   def one_epoch(epoch):
@@ -101,6 +133,10 @@ def label_pass_dataset(dataset: Dataset,
   a different `pass_index` for each of several averaged passes; strength "none" labels without
   augmentation. The last batch may be short.
   """
+  if dataset.streamed:
+    ds = _augment_streamed(_shard(dataset.stream(), input_context), config, seed, _LABEL_PASS_STREAM,
+                           tf.constant(pass_index, tf.int64))
+    return _as_batches(ds, batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
   images = _images_tensor(dataset)
   positions = _shard(tf.data.Dataset.range(dataset.num_examples), input_context)
   ds = _batch_and_augment(positions, images, config, seed, _LABEL_PASS_STREAM,
@@ -111,6 +147,11 @@ def label_pass_dataset(dataset: Dataset,
 def evaluation_dataset(dataset: Dataset, config: augment.AugmentConfig, *, batch_size: int,
                        input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
   """Every example once, in index order, with the evaluation transform (resize, centre crop)."""
+  if dataset.streamed:
+    ds = _shard(dataset.stream(), input_context).map(
+        lambda index, image: (index, augment.evaluation_batch(image[None], config)[0]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _as_batches(ds, batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
   images = _images_tensor(dataset)
   positions = _shard(tf.data.Dataset.range(dataset.num_examples), input_context)
 

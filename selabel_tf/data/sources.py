@@ -21,7 +21,7 @@ import dataclasses
 import gzip
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -42,26 +42,37 @@ _NORMALIZATION_KEY = {"imagenet2012": "imagenet", "svhn_cropped": "svhn"}
 class Dataset:
   """Images to learn from, indexed 0..N-1. No labels: training code cannot reach the ground truth.
 
+  A dataset too large for the in-memory cache (ImageNet) is streamed instead: `images` is None and
+  `stream()` yields (index, uint8 image [H, W, C]) for every example in index order (tfds' file order).
+
   Attributes:
     name: dataset name (tfds name, or the folder/file name).
-    images: uint8 [N, H, W, C], decoded.
+    images: uint8 [N, H, W, C], decoded; None when streamed.
     original_index: int64 [N], each example's position in the source before any subsetting.
     kind: "small" (CIFAR-like, 28-96 px) or "imagenet": which augmentation parameters apply.
     origin: where the images were read from (path or tfds data dir), for logs.
+    stream: for a streamed dataset, a callable returning a tf.data.Dataset of (index, image).
+    image_channels: for a streamed dataset, C.
   """
   name: str
-  images: np.ndarray
+  images: Optional[np.ndarray]
   original_index: np.ndarray
   kind: str
   origin: str
+  stream: Optional[Callable[[], Any]] = None
+  image_channels: Optional[int] = None
 
   @property
   def num_examples(self) -> int:
-    return int(self.images.shape[0])
+    return int(self.original_index.shape[0])
 
   @property
   def channels(self) -> int:
-    return int(self.images.shape[-1])
+    return int(self.images.shape[-1]) if self.images is not None else int(self.image_channels)
+
+  @property
+  def streamed(self) -> bool:
+    return self.images is None
 
   def normalization(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Per-channel (mean, std) in [0, 1] units: the published values for known datasets, else measured."""
@@ -69,6 +80,8 @@ class Dataset:
     known = augment.NORMALIZATION.get(_NORMALIZATION_KEY.get(self.name, self.name))
     if known is not None and len(known[0]) == self.channels:
       return known
+    if self.streamed:
+      return augment.NORMALIZATION["imagenet"] if self.channels == 3 else ((0.5,), (0.25,))
     pixels = self.images.reshape(-1, self.channels)[::max(1, self.images.size // self.channels // 10**7)]
     pixels = pixels.astype(np.float64) / 255.0
     return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
@@ -77,8 +90,11 @@ class Dataset:
     """The official code's augmentation for this dataset (see `augment.config_for`)."""
     from selabel_tf.data import augment  # pylint: disable=g-import-not-at-top
     mean, std = self.normalization()
-    return augment.config_for(self.kind, image_size or int(self.images.shape[1]), self.channels, mean,
-                              std, strength)
+    if image_size is None:
+      if self.streamed:
+        raise ValueError(f"dataset {self.name!r} is streamed (images of varying size): give image_size")
+      image_size = int(self.images.shape[1])
+    return augment.config_for(self.kind, image_size, self.channels, mean, std, strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +124,8 @@ def load(source: str,
          imbalance: str = "none",
          imbalance_class: Optional[int] = None,
          seed: int = 0,
-         on_bad: str = "error") -> Tuple[Dataset, Optional[GroundTruth]]:
+         on_bad: str = "error",
+         cache_bytes: int = DEFAULT_CACHE_BYTES) -> Tuple[Dataset, Optional[GroundTruth]]:
   """Loads an indexed dataset and, separately, its ground truth (None when unlabelled).
 
   Args:
@@ -125,6 +142,8 @@ def load(source: str,
     imbalance_class: the class that "light" halves (default: the last one, truck in CIFAR-10).
     seed: seed of the imbalance subset and of the holdout split.
     on_bad: image folders: "error" (default) or "skip" unreadable images (one warning lists them).
+    cache_bytes: tfds splits of at most this many decoded bytes are cached in memory; larger ones
+      (ImageNet) are streamed from the tfds files.
 
   Returns:
     (Dataset, GroundTruth or None).
@@ -135,7 +154,7 @@ def load(source: str,
   if imbalance not in IMBALANCE_MODES:
     raise ValueError(f"imbalance must be one of {IMBALANCE_MODES}, got {imbalance!r}")
   if source in TFDS_NAMES:
-    dataset, truth = _load_tfds_or_fallback(source, split, data_dir, download)
+    dataset, truth = _load_tfds_or_fallback(source, split, data_dir, download, cache_bytes)
   elif source.endswith(".npz"):
     dataset, truth = _load_npz(source)
   elif os.path.isdir(source) and _idx_files(source, split):
@@ -165,6 +184,9 @@ def imbalanced_subset(dataset: Dataset, truth: GroundTruth, mode: str,
   removes 10% of class 0, 20% of class 1, and so on, capped at 90% so that no class disappears. Kept
   examples are re-indexed 0..N'-1 in their original order.
   """
+  if dataset.streamed:
+    raise ValueError(f"imbalance={mode!r}: dataset {dataset.name!r} is streamed; imbalanced subsets "
+                     "need it cached in memory")
   num_classes = truth.num_classes
   fractions = np.zeros(num_classes)
   if mode == "light":
@@ -195,12 +217,12 @@ def imbalanced_subset(dataset: Dataset, truth: GroundTruth, mode: str,
 # tensorflow-datasets
 
 
-def _load_tfds_or_fallback(name, split, data_dir, download):
+def _load_tfds_or_fallback(name, split, data_dir, download, cache_bytes=DEFAULT_CACHE_BYTES):
   """tfds name: a prepared tfds dir; for fashion_mnist also Debian's IDX files; else a download."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
-    return _from_tfds_builder(name, builder, split)
+    return _from_tfds_builder(name, builder, split, cache_bytes)
   idx_dir = DEBIAN_IDX_DIRS.get(name)
   if idx_dir and _idx_files(idx_dir, split):
     logger.info("%s: no prepared tfds data in %s; reading Debian's IDX files in %s", name,
@@ -208,7 +230,7 @@ def _load_tfds_or_fallback(name, split, data_dir, download):
     return _load_idx_dir(idx_dir, split, name=name)
   if download:
     builder.download_and_prepare()
-    return _from_tfds_builder(name, builder, split)
+    return _from_tfds_builder(name, builder, split, cache_bytes)
   ways = [f"prepare it with tfds into {os.path.dirname(os.path.dirname(builder.data_dir))} "
           f"(tfds build {name}, or pass --data_dir to a prepared one)"]
   if idx_dir:
@@ -218,8 +240,8 @@ def _load_tfds_or_fallback(name, split, data_dir, download):
                           + "; or ".join(ways))
 
 
-def _from_tfds_builder(name, builder, split):
-  """Decodes a prepared tfds split into memory, in tfds' deterministic file order."""
+def _from_tfds_builder(name, builder, split, cache_bytes=DEFAULT_CACHE_BYTES):
+  """A prepared tfds split, in tfds' deterministic file order: cached in memory, or streamed."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if split not in builder.info.splits:
@@ -227,26 +249,43 @@ def _from_tfds_builder(name, builder, split):
   info = builder.info
   num_examples = info.splits[split].num_examples
   shape = info.features["image"].shape
-  if None in shape or num_examples * int(np.prod(shape)) > DEFAULT_CACHE_BYTES:
-    raise ValueError(f"dataset {name!r} split {split!r}: {num_examples} images of shape {shape} do not "
-                     f"fit the in-memory cache ({DEFAULT_CACHE_BYTES >> 30} GiB); streaming large "
-                     "datasets is not supported yet")
   read_config = tfds.ReadConfig(interleave_cycle_length=1)
-  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
   has_label = "label" in info.features
-  images, labels = [], []
-  for batch in ds.batch(4096).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-    images.append(batch["image"])
+  kind = _KIND.get(name, "small")
+  streamed = None in shape or num_examples * int(np.prod(shape)) > cache_bytes
+  images, labels = None, []
+  if streamed:
+    # Labels only: the images stay encoded, so this pass is cheap.
     if has_label:
-      labels.append(batch["label"])
-  images = np.concatenate(images)
+      ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                              decoders={"image": tfds.decode.SkipDecoding()})
+      for batch in ds.map(lambda ex: ex["label"]).batch(65536).as_numpy_iterator():
+        labels.append(batch)
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+    images = []
+    for batch in ds.batch(4096).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+      images.append(batch["image"])
+      if has_label:
+        labels.append(batch["label"])
+    images = np.concatenate(images)
   truth = None
   if has_label:
     labels = np.concatenate(labels).astype(np.int64)
     if (labels >= 0).all():  # stl10's unlabelled split marks its labels -1
       truth = GroundTruth(labels, tuple(info.features["label"].names))
-  dataset = Dataset(name=name, images=images, original_index=np.arange(len(images), dtype=np.int64),
-                    kind=_KIND.get(name, "small"), origin=builder.data_dir)
+
+  def stream():
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+    return ds.enumerate().map(lambda i, ex: (i, ex["image"]), num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+
+  if streamed:
+    logger.info("%s split %s: %d images streamed from %s (larger than the %d GiB cache)", name, split,
+                num_examples, builder.data_dir, cache_bytes >> 30)
+  dataset = Dataset(name=name, images=images, original_index=np.arange(num_examples, dtype=np.int64),
+                    kind=kind, origin=builder.data_dir, stream=stream if streamed else None,
+                    image_channels=int(shape[-1]))
   return dataset, truth
 
 
