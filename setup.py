@@ -19,6 +19,8 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",
         "psutil>=5.9",
+        "tensorboard>=2.16",  # tf.summary and keras.callbacks.TensorBoard need it; tensorflow does not pull it in
+        "scikit-learn>=1.4",  # NMI/ARI of the final labels
         "pillow>=10",
     ],
     extras_require={

@@ -32,7 +32,8 @@ def with_self_labels(dataset: tf.data.Dataset, state: SelfLabelState) -> tf.data
 
   The labels are read when each batch is made, so a labelling takes effect from the next batch on.
   """
-  return dataset.map(lambda batch: (batch["image"], state.lookup(batch["index"])))
+  # A tuple: tf.data would stack a list of tensors into one tensor.
+  return dataset.map(lambda batch: (batch["image"], tuple(state.lookup(batch["index"]))))
 
 
 class SelfLabelCallback(keras.callbacks.Callback):
@@ -100,6 +101,15 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
 
+  def _forward(self, images):
+    """The model's logits for a batch, in inference mode. (Keras' predict_on_batch under a
+    MirroredStrategy gives every replica the whole batch and returns the outputs of all of them.)
+    Runs in cross-replica context; spreading the label pass over replicas is future work."""
+    if getattr(self, "_forward_fn", None) is None or self._forward_model is not self.model:
+      self._forward_model = self.model
+      self._forward_fn = tf.function(lambda x: self.model(x, training=False))
+    return self._forward_fn(images)
+
   def _due(self) -> bool:
     done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
     if done >= len(self.steps):
@@ -123,7 +133,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
       indices, outputs = [], None
       progress = keras.utils.Progbar(None, unit_name="batch") if self.verbose else None
       for step, batch in enumerate(ds):
-        logits = self.model.predict_on_batch(batch["image"])
+        logits = self._forward(batch["image"])
         logits = logits if isinstance(logits, (list, tuple)) else [logits]
         if outputs is None:
           outputs = [[] for _ in logits]

@@ -144,9 +144,9 @@ def test_mixed_bfloat16_features_are_float32(name):
   assert all(w.dtype == "float32" for w in model.weights)
 
 
-def test_trains_under_mirrored_strategy():
+def test_trains_under_mirrored_strategy(mirrored_strategy):
   assert len(tf.config.list_logical_devices("CPU")) >= 2, "conftest.py should create 2 CPU devices"
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = mirrored_strategy
   with strategy.scope():
     backbone = backbones.build_backbone("alexnet_small", (28, 28, 1))
     logits = heads.MultiHead("8x2")(backbone.output["features"])

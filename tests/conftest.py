@@ -31,3 +31,14 @@ def make_npz(tmp_path_factory):
     return str(path)
 
   return make
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+  """The one MirroredStrategy over the 2 logical CPUs that every test shares.
+
+  Each strategy numbers its collective ops from the same start, and the collectives of one process share
+  an executor: two strategies in one process can collide ("Shape mismatch in the collective instance"),
+  which aborts every later collective. One strategy per test session avoids that.
+  """
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

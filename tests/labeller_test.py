@@ -499,9 +499,9 @@ def _distribute(strategy, heads, sizes):
 
 
 @pytest.fixture(scope="module")
-def strategy():
+def strategy(mirrored_strategy):
   assert len(tf.config.list_logical_devices("CPU")) >= 2, "conftest.py should create 2 CPU devices"
-  return tf.distribute.MirroredStrategy(list(_DEVICES))
+  return mirrored_strategy
 
 
 @pytest.mark.parametrize("sizes", [(301, 299), (299, 301)])

@@ -47,8 +47,9 @@ class SelfLabelState(keras.layers.Layer):
     self.built = True
 
   def lookup(self, index):
-    """Labels of the examples `index` (int [B]), one int32 [B] tensor per head."""
-    return tuple(tf.gather(labels, index) for labels in self.labels)
+    """Labels of the examples `index` (int [B]): a list of one int32 [B] tensor per head (a list, like
+    the model's outputs, so that Keras matches targets to outputs)."""
+    return [tf.gather(labels, index) for labels in self.labels]
 
   def assign(self, labels: np.ndarray, log_alpha: Sequence[np.ndarray]):
     """Stores a labelling (int [T, N] and T log alpha vectors) and counts it."""
@@ -97,6 +98,8 @@ class SelaModel(keras.Model):
     self.built = True
 
   def call(self, images, training=False):
+    if isinstance(images, dict):  # a {"index", "image"} batch, as Keras passes it when building
+      images = images["image"]
     features = self.backbone(images, training=training)["features"]
     return self.heads(features)
 
@@ -106,6 +109,14 @@ class SelaModel(keras.Model):
 
   def _with_labels(self, data):
     return data["image"], self.label_state.lookup(data["index"])
+
+  def _symbolic_build(self, iterator=None, data_batch=None):
+    # Under a strategy Keras builds the compiled loss from the first batch: give it (image, labels).
+    # (Only shapes matter here; the strategy path hands over a replica-mean, so the index is a float.)
+    if isinstance(data_batch, dict) and "index" in data_batch:
+      index = tf.zeros(tf.shape(data_batch["index"]), tf.int64)
+      data_batch = self._with_labels({"index": index, "image": data_batch["image"]})
+    return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
   def train_step(self, data):
     return super().train_step(self._with_labels(data))
