@@ -15,7 +15,6 @@ import time
 from absl import app
 from absl import flags
 import keras
-import numpy as np
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
@@ -30,8 +29,8 @@ def define_flags():
   flags.DEFINE_string("architecture", "alexnet_small", "Backbone.")
   flags.DEFINE_string("heads", "10,10,64,64", "SeLa heads (as configs/fashion_mnist.cfg).")
   flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-  flags.DEFINE_integer("epochs", 4, "Epochs of the default schedule (labelling is amortised over them).")
-  flags.DEFINE_integer("nopts", 8, "Labellings over --epochs (as configs/fashion_mnist.cfg).")
+  flags.DEFINE_integer("epochs", 3, "Epochs of the default schedule (labelling is amortised over them).")
+  flags.DEFINE_integer("nopts", 3, "Labellings over --epochs (as configs/fashion_mnist.cfg).")
   flags.DEFINE_integer("examples", 60000, "Examples used (the first N of Fashion-MNIST's train split).")
   flags.DEFINE_bool("mixed_precision", False, "Train in mixed_bfloat16.")
 

@@ -30,7 +30,6 @@ from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
 from selabel_tf.data import pipeline
 from selabel_tf.data import sources
-from selabel_tf.modeling import backbones
 from selabel_tf.modeling import heads as heads_lib
 from selabel_tf.modeling.sela import SelaModel
 

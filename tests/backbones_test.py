@@ -124,16 +124,6 @@ def test_conv_init_is_he_fan_out():
   assert not model.losses  # weight decay belongs to the optimizer
 
 
-@pytest.fixture
-def mixed_bfloat16():
-  previous = keras.config.dtype_policy()
-  keras.config.set_dtype_policy("mixed_bfloat16")
-  try:
-    yield
-  finally:
-    keras.config.set_dtype_policy(previous)
-
-
 @pytest.mark.usefixtures("mixed_bfloat16")
 @pytest.mark.parametrize("name", ["alexnet_small", "resnet18"])
 def test_mixed_bfloat16_features_are_float32(name):

@@ -42,3 +42,15 @@ def mirrored_strategy():
   which aborts every later collective. One strategy per test session avoids that.
   """
   return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture
+def mixed_bfloat16():
+  """Runs a test under the "mixed_bfloat16" dtype policy, restoring the previous policy after it."""
+  import keras  # pylint: disable=g-import-not-at-top
+  previous = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("mixed_bfloat16")
+  try:
+    yield
+  finally:
+    keras.config.set_dtype_policy(previous)

@@ -113,16 +113,6 @@ def test_saved_model_file_round_trip(tmp_path):
     np.testing.assert_array_equal(expected.numpy(), actual.numpy())
 
 
-@pytest.fixture
-def mixed_bfloat16():
-  previous = keras.config.dtype_policy()
-  keras.config.set_dtype_policy("mixed_bfloat16")
-  try:
-    yield
-  finally:
-    keras.config.set_dtype_policy(previous)
-
-
 @pytest.mark.usefixtures("mixed_bfloat16")
 def test_float32_under_mixed_bfloat16():
   inputs = keras.Input((16,))
