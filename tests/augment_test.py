@@ -358,8 +358,7 @@ def test_normalization_constants():
     assert len(mean) == len(std) in (1, 3), name
     assert all(0 < v < 1 for v in mean + std), name
   path = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-  if not os.path.exists(path):
-    pytest.skip(f"{path} not installed (install.sh installs it)")
+  assert os.path.exists(path), f"{path} is missing: run ./install.sh (it installs dataset-fashion-mnist)"
   with gzip.open(path, "rb") as f:
     pixels = np.frombuffer(f.read(), np.uint8, offset=16) / 255
   (mean,), (std,) = augment.NORMALIZATION["fashion_mnist"]
