@@ -39,13 +39,16 @@ def _shard(ds, input_context):
   return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
 
 
-def _batch_and_augment(ds, images, config, seed, stream, epoch, batch_size, drop_remainder):
+def _epoch_key(seed, stream, epoch):
+  """The int64 [2] seed of one epoch (or label pass) of one stream; examples fold their index in."""
+  return tf.random.experimental.stateless_fold_in(tf.constant([seed, stream], tf.int64), epoch)
+
+
+def _batch_and_augment(ds, images, config, key, batch_size, drop_remainder):
   height, width = int(images.shape[1]), int(images.shape[2])
-  key = tf.constant([seed, stream], tf.int64)
 
   def params(index):
-    example_seed = tf.random.experimental.stateless_fold_in(key, epoch)
-    return index, augment.sample_params(index, example_seed, height, width, config)
+    return index, augment.sample_params(index, key, height, width, config)
 
   def transform(index, batch_params):
     batch = tf.gather(images, index)
@@ -56,13 +59,11 @@ def _batch_and_augment(ds, images, config, seed, stream, epoch, batch_size, drop
   return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _augment_streamed(ds, config, seed, stream, epoch):
+def _augment_streamed(ds, config, key):
   """(index, uint8 image [H, W, C]) -> (index, float32 [S, S, C]), parameters keyed like in memory."""
-  key = tf.constant([seed, stream], tf.int64)
 
   def one(index, image):
-    example_seed = tf.random.experimental.stateless_fold_in(key, epoch)
-    params = augment.sample_params(index, example_seed, tf.shape(image)[0], tf.shape(image)[1], config)
+    params = augment.sample_params(index, key, tf.shape(image)[0], tf.shape(image)[1], config)
     batched = {name: value[None] for name, value in params.items()}
     return index, augment.apply_batch(image[None], batched, config)[0]
 
@@ -95,26 +96,18 @@ def train_dataset(dataset: Dataset,
     A dataset of {"index", "image"} batches; an epoch is N // (batch_size * pipelines) batches.
   """
   num_examples = dataset.num_examples
-  if dataset.streamed:
-    def one_streamed_epoch(epoch):
-      shuffle_seed = tf.random.experimental.stateless_fold_in(
-          tf.constant([seed, _TRAIN_STREAM], tf.int64), epoch)[0]
-      ds = _shard(dataset.stream(), input_context).shuffle(SHUFFLE_BUFFER, seed=shuffle_seed,
-                                                           reshuffle_each_iteration=False)
-      ds = _augment_streamed(ds, config, seed, _TRAIN_STREAM, epoch)
-      return _as_batches(ds, batch_size, drop_remainder=True)
-
-    epochs = tf.data.Dataset.range(initial_epoch, 1 << 62)
-    return epochs.flat_map(one_streamed_epoch).prefetch(tf.data.AUTOTUNE)
-  images = _images_tensor(dataset)
+  images = None if dataset.streamed else _images_tensor(dataset)
 
   def one_epoch(epoch):
-    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, _TRAIN_STREAM], tf.int64), epoch)
+    key = _epoch_key(seed, _TRAIN_STREAM, epoch)
+    if dataset.streamed:
+      ds = _shard(dataset.stream(), input_context).shuffle(SHUFFLE_BUFFER, seed=key[0],
+                                                           reshuffle_each_iteration=False)
+      return _as_batches(_augment_streamed(ds, config, key), batch_size, drop_remainder=True)
     positions = _shard(tf.data.Dataset.range(num_examples), input_context)
     order = positions.map(lambda i: tf.random.experimental.index_shuffle(i, key, num_examples - 1),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batch_and_augment(order, images, config, seed, _TRAIN_STREAM, epoch, batch_size,
-                              drop_remainder=True)
+    return _batch_and_augment(order, images, config, key, batch_size, drop_remainder=True)
 
   epochs = tf.data.Dataset.range(initial_epoch, 1 << 62)
   return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
@@ -133,14 +126,13 @@ def label_pass_dataset(dataset: Dataset,
   a different `pass_index` for each of several averaged passes; strength "none" labels without
   augmentation. The last batch may be short.
   """
+  key = _epoch_key(seed, _LABEL_PASS_STREAM, tf.constant(pass_index, tf.int64))
   if dataset.streamed:
-    ds = _augment_streamed(_shard(dataset.stream(), input_context), config, seed, _LABEL_PASS_STREAM,
-                           tf.constant(pass_index, tf.int64))
+    ds = _augment_streamed(_shard(dataset.stream(), input_context), config, key)
     return _as_batches(ds, batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
-  images = _images_tensor(dataset)
   positions = _shard(tf.data.Dataset.range(dataset.num_examples), input_context)
-  ds = _batch_and_augment(positions, images, config, seed, _LABEL_PASS_STREAM,
-                          tf.constant(pass_index, tf.int64), batch_size, drop_remainder=False)
+  ds = _batch_and_augment(positions, _images_tensor(dataset), config, key, batch_size,
+                          drop_remainder=False)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
