@@ -101,14 +101,27 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
 
-  def _forward(self, images):
-    """The model's logits for a batch, in inference mode. (Keras' predict_on_batch under a
-    MirroredStrategy gives every replica the whole batch and returns the outputs of all of them.)
-    Runs in cross-replica context; spreading the label pass over replicas is future work."""
-    if getattr(self, "_forward_fn", None) is None or self._forward_model is not self.model:
-      self._forward_model = self.model
-      self._forward_fn = tf.function(lambda x: self.model(x, training=False))
-    return self._forward_fn(images)
+  def _label_step(self):
+    """A tf.function running the model on one distributed batch of the label pass, on every replica:
+    per replica (index, [log softmax of each head, float32]), in inference mode.
+
+    (Keras' predict_on_batch is not used: under a MirroredStrategy it gives every replica the whole
+    batch and returns the outputs of all of them.) The forward runs in the model's own dtype policy,
+    so a mixed_bfloat16 / mixed_float16 model labels at its mixed-precision speed; the log softmax is
+    taken in float32.
+    """
+    if getattr(self, "_label_step_fn", None) is None or self._label_step_model is not self.model:
+      model = self.model
+      strategy = model.distribute_strategy
+
+      def replica_step(batch):
+        logits = model(batch["image"], training=False)
+        logits = logits if isinstance(logits, (list, tuple)) else [logits]
+        return batch["index"], [tf.nn.log_softmax(tf.cast(head, tf.float32)) for head in logits]
+
+      self._label_step_model = model
+      self._label_step_fn = tf.function(lambda batch: strategy.run(replica_step, args=(batch,)))
+    return self._label_step_fn
 
   def _due(self) -> bool:
     done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
@@ -125,34 +138,51 @@ class SelfLabelCallback(keras.callbacks.Callback):
       logs.update(self.last_metrics)
 
   def collect_log_probs(self) -> list:
-    """One pass (or the average of `num_passes`) of log softmax per head: T arrays [N, K_t]."""
+    """One pass (or the average of `num_passes`) of log softmax per head: T arrays [N, K_t] float32.
+
+    The pass is spread over the model's replicas (each runs its share of every global batch); the
+    results are gathered by example index.
+    """
+    strategy = self.model.distribute_strategy
+    step_fn = self._label_step()
     total = None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
       start = time.perf_counter()
-      indices, outputs = [], None
+      seen = np.zeros(self.num_examples, np.int64)
+      log_probs = None
       progress = keras.utils.Progbar(None, unit_name="batch") if self.verbose else None
-      for step, batch in enumerate(ds):
-        logits = self._forward(batch["image"])
-        logits = logits if isinstance(logits, (list, tuple)) else [logits]
-        if outputs is None:
-          outputs = [[] for _ in logits]
-        for t, head in enumerate(logits):
-          outputs[t].append(tf.nn.log_softmax(tf.cast(head, tf.float32)).numpy())
-        indices.append(np.asarray(batch["index"]))
+      for step, batch in enumerate(strategy.experimental_distribute_dataset(ds)):
+        for index, heads in strategy.experimental_local_results(step_fn(batch)):
+          index = np.asarray(index)
+          if index.size == 0:
+            continue
+          if index.min() < 0 or index.max() >= self.num_examples:
+            raise ValueError(f"SelfLabelCallback: the label pass yielded index {index.min()}..."
+                             f"{index.max()}, outside [0, {self.num_examples})")
+          if log_probs is None:
+            log_probs = [np.zeros((self.num_examples, h.shape[-1]), np.float32) for h in heads]
+          for t, head in enumerate(heads):
+            log_probs[t][index] = np.asarray(head)
+          np.add.at(seen, index, 1)
         if progress is not None:
           progress.update(step + 1)
-      indices = np.concatenate(indices)
-      if indices.shape[0] != self.num_examples or not np.array_equal(np.sort(indices),
-                                                                      np.arange(self.num_examples)):
+      if log_probs is None or not np.all(seen == 1):
+        missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
         raise ValueError(f"SelfLabelCallback: the label pass must yield every index in "
-                         f"[0, {self.num_examples}) once; got {indices.shape[0]} indices")
-      order = np.argsort(indices, kind="stable")
-      log_probs = [np.concatenate(head)[order] for head in outputs]
-      total = log_probs if total is None else [a + b for a, b in zip(total, log_probs)]
-      logger.info("label pass %d/%d: %d examples in %.1f s", pass_index + 1, self.num_passes,
-                  self.num_examples, time.perf_counter() - start)
-    return [lp / self.num_passes for lp in total]
+                         f"[0, {self.num_examples}) once; {missing} missing, {repeated} repeated")
+      if total is None:
+        total = log_probs
+      else:
+        for t, head in enumerate(log_probs):
+          total[t] += head
+      logger.info("label pass %d/%d: %d examples in %.1f s on %d replica(s)", pass_index + 1,
+                  self.num_passes, self.num_examples, time.perf_counter() - start,
+                  strategy.num_replicas_in_sync)
+    if self.num_passes > 1:
+      for head in total:
+        head /= self.num_passes
+    return total
 
   def relabel(self):
     """Runs the label pass and the labeller now, and stores the new labels."""
