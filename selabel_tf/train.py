@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
+from selabel_tf import labeller
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
 from selabel_tf.data import pipeline
@@ -70,8 +71,12 @@ class TrainConfig:
     augmentation: "none", "weak" or "paper".
     label_augmentation: label on augmented images (the paper) or not.
     label_passes: label passes averaged per labelling.
+    label_batch_size: global batch of the label pass (inference only, so it can be larger than the
+      training batch; larger batches run faster); 0: 4 x batch_size.
     labeller_tol: the labeller's tolerance.
     labeller_max_iters: the labeller's iteration cap.
+    labeller_balance: "argmax" (the paper: argmax of Q) or "exact" (every cluster gets floor(N/K) or
+      ceil(N/K) examples; see `labeller.assign_labels`).
     strategy: one of STRATEGIES.
     mixed_precision: train in mixed_bfloat16 (CPU/TPU) or mixed_float16 (GPU).
     seed: seed of everything random.
@@ -100,8 +105,10 @@ class TrainConfig:
   augmentation: str = "paper"
   label_augmentation: bool = True
   label_passes: int = 1
+  label_batch_size: int = 0
   labeller_tol: float = 0.1
   labeller_max_iters: int = 2000
+  labeller_balance: str = "argmax"
   strategy: str = "auto"
   mixed_precision: bool = False
   seed: int = 0
@@ -131,7 +138,12 @@ class TrainConfig:
         (self.imbalance in sources.IMBALANCE_MODES,
          f"--imbalance={self.imbalance!r} must be one of {sources.IMBALANCE_MODES}"),
         (self.label_passes >= 1, f"--label_passes={self.label_passes} must be >= 1"),
+        (self.label_batch_size >= 0, f"--label_batch_size={self.label_batch_size} must be >= 0 "
+         f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
+        (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
+        (self.labeller_balance in labeller.BALANCE_MODES,
+         f"--labeller_balance={self.labeller_balance!r} must be one of {labeller.BALANCE_MODES}"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
     ]
     for ok, message in checks:
@@ -277,7 +289,8 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
 
   train_ds = pipeline.train_dataset(dataset, train_config, batch_size=config.batch_size,
                                     seed=config.seed, initial_epoch=initial_epoch)
-  label_batch = max(config.batch_size, 256)
+  label_batch = config.label_batch_size or 4 * config.batch_size
+  label_batch += -label_batch % replicas  # every replica gets an equal share of a full batch
 
   def label_pass(pass_index):
     return pipeline.label_pass_dataset(dataset, label_config, batch_size=label_batch, seed=config.seed,
@@ -287,7 +300,8 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
   self_label = callbacks_lib.SelfLabelCallback.with_schedule(
       label_pass, num_examples, config.lam, total_steps=total_steps, num_labellings=config.nopts,
       spacing=config.labelling_spacing, num_passes=config.label_passes,
-      labeller_options={"tol": config.labeller_tol, "max_iters": config.labeller_max_iters},
+      labeller_options={"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
+                        "balance": config.labeller_balance},
       log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
   fit_callbacks = [
       keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),

@@ -122,6 +122,8 @@ def tiny_npz(make_npz):
     ("flagfile", ["--flagfile=/nonexistent/x.cfg"], "/nonexistent/x.cfg"),
     ("batch", ["--strategy=mirrored", "--cpu_devices=2", "--batch_size=3"], "--batch_size=3"),
     ("k_vs_n", ["--heads=64"], "--heads=64"),
+    ("balance", ["--labeller_balance=round"], "--labeller_balance='round' must be one of"),
+    ("label_batch", ["--label_batch_size=-1"], "--label_batch_size=-1 must be >= 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
   del name
