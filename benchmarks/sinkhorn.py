@@ -33,7 +33,10 @@ def define_flags():
                     "log-probs generated chunk by chunk (they never exist whole in memory).")
   flags.DEFINE_list("shapes", ["500000x1000x1@25", "50000x128x10@10"],
                     "Shapes NxKxT@lam to run (ignored with --imagenet).")
-  flags.DEFINE_list("storage_dtypes", ["float32", "float16"], "Storage dtypes of P^lam to time.")
+  flags.DEFINE_list("storage_dtypes", ["float32", "float16", "bfloat16"],
+                    "Storage dtypes of P^lam to time.")
+  flags.DEFINE_list("imagenet_storage_dtypes", ["bfloat16"],
+                    "Storage dtypes run with --imagenet (float32 needs 15.4 GB for the kernel alone).")
   flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01"],
                     "Tolerances for the label-stability table (the default tol is among them).")
   flags.DEFINE_float("converged_tol", 3e-3, "Tolerance of the 'fully converged' reference labels.")
@@ -43,44 +46,66 @@ def define_flags():
 
 
 class SyntheticLogProbs:
-  """Log-probabilities shaped like a trained network's, generated on demand, row block by row block.
+  """Log-probabilities shaped like a trained network's, generated on demand for any row range.
 
   Each example has a 'true' cluster drawn with uneven (Zipf, exponent 0.25) popularity; its logits are
-  uniform noise of standard deviation 2 plus a margin on the true cluster, so that softmax is confident (mean max-prob
-  around 0.7). Rows are generated in fixed blocks from stateless seeds, so any slicing returns the same
-  values and the whole matrix never needs to exist in memory.
+  uniform noise of standard deviation 2 plus a margin on the true cluster, so that softmax is confident
+  (mean max-prob around 0.7). Every value is a hash of (seed, row, column), computed by one XLA
+  function: any slicing returns the same values, the whole matrix never needs to exist in memory, and
+  a pass over it costs about as much as reading a stored copy would (the labeller reads its input
+  once per kernel build).
   """
-
-  _BLOCK = 8192
 
   def __init__(self, num_examples, num_clusters, seed):
     self.shape = (num_examples, num_clusters)
     self._seed = seed
     popularity = np.arange(1, num_clusters + 1) ** -0.25
-    self._log_popularity = tf.constant(np.log(popularity / popularity.sum())[None, :], tf.float32)
+    self._cumulative_popularity = tf.constant(np.cumsum(popularity / popularity.sum()), tf.float32)
     self._margin = math.log(num_clusters) + 2.0  # about log E[sum_k exp(noise_k)]: max-prob near 0.5 ...
 
-  def _block(self, b):
-    num_examples, num_clusters = self.shape
-    rows = min(self._BLOCK, num_examples - b * self._BLOCK)
-    seeds = [(self._seed, 3 * b + i) for i in range(3)]
-    true = tf.random.stateless_categorical(tf.tile(self._log_popularity, [rows, 1]), 1, seeds[0])[:, 0]
-    # Uniform noise of standard deviation 2 (cheaper to generate than normal noise at ImageNet size).
-    noise = tf.random.stateless_uniform([rows, num_clusters], seeds[1], -2.0 * 3**0.5, 2.0 * 3**0.5)
-    # ... and a per-example extra margin of N(1.5, 1.5) makes it confident, unevenly so.
-    margin = self._margin + 1.5 + 1.5 * tf.random.stateless_normal([rows, 1], seeds[2])
-    logits = noise + margin * tf.one_hot(true, num_clusters)
-    return tf.nn.log_softmax(logits, axis=1)
+  @staticmethod
+  def _uniform(*keys):
+    """A hash of uint32 tensors (broadcast) to floats in (0, 1): murmur3's finaliser."""
+    h = tf.constant(0x9E3779B9, tf.uint32)
+    for i, key in enumerate(keys):
+      h = h + key * tf.constant((0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)[i % 4], tf.uint32)
+      h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(15, tf.uint32)))
+    h = h * tf.constant(0x85EBCA6B, tf.uint32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(13, tf.uint32)))
+    h = h * tf.constant(0xC2B2AE35, tf.uint32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+    bits = tf.bitwise.right_shift(h, tf.constant(8, tf.uint32))
+    return (tf.cast(bits, tf.float32) + 0.5) * (1.0 / (1 << 24))
+
+  @tf.function(jit_compile=True)
+  def _logits(self, start, num_rows):
+    num_clusters = self.shape[1]
+    seed = tf.cast(self._seed, tf.uint32)
+    rows = tf.cast(start + tf.range(num_rows), tf.uint32)
+    true = tf.minimum(tf.searchsorted(self._cumulative_popularity, self._uniform(seed, rows, 1 + 0 * rows),
+                                      side="right"), num_clusters - 1)
+    # ... a per-example extra margin of N(1.5, 1.5) (Box-Muller) makes it confident, unevenly so.
+    u1, u2 = self._uniform(seed, rows, 2 + 0 * rows), self._uniform(seed, rows, 3 + 0 * rows)
+    normal = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
+    margin = self._margin + 1.5 + 1.5 * normal
+    # Uniform noise of standard deviation 2.
+    columns = tf.cast(tf.range(num_clusters), tf.uint32)
+    noise = (self._uniform(seed, rows[:, None], columns[None, :] + 4) - 0.5) * (4.0 * 3**0.5)
+    return noise + margin[:, None] * tf.one_hot(true, num_clusters)
 
   def __getitem__(self, rows):
     start, stop, _ = rows.indices(self.shape[0])
-    first, last = start // self._BLOCK, (stop - 1) // self._BLOCK
-    blocks = [self._block(b) for b in range(first, last + 1)]
-    out = tf.concat(blocks, 0) if len(blocks) > 1 else blocks[0]
-    return out[start - first * self._BLOCK:stop - first * self._BLOCK]
+    # The row count is static (one XLA compile per distinct count; the labeller's chunks have 1-2).
+    # (Two XLA calls: fused into one, the hash would be recomputed by each reduction of log_softmax.)
+    return _log_softmax(self._logits(tf.constant(start, tf.int32), stop - start))
 
   def materialize(self):
     return np.concatenate([self[s:s + (1 << 16)].numpy() for s in range(0, self.shape[0], 1 << 16)])
+
+
+@tf.function(jit_compile=True)
+def _log_softmax(logits):
+  return tf.nn.log_softmax(logits, axis=1)
 
 
 def mean_max_prob(head):
@@ -96,7 +121,26 @@ def peak_rss_gb():
 
 @tf.function(jit_compile=True)
 def one_read(chunks):
-  return tf.add_n([tf.reduce_sum(tf.cast(c, tf.float32)) for c in chunks])
+  """One streaming read of every chunk: the sum of all entries, widened to float32 block by block (a
+  whole-chunk widening would materialise a float32 copy of a narrow kernel)."""
+  total = []
+  for chunk in chunks:
+    if chunk.dtype == tf.float32:  # nothing to widen: XLA's plain reduction is the fastest read
+      total.append(tf.reduce_sum(chunk))
+      continue
+    rows, num_clusters = chunk.shape
+    block = min(rows, max(8, (1 << 20) // (num_clusters * chunk.dtype.size)))
+
+    def body(j, acc, chunk=chunk, rows=rows, num_clusters=num_clusters, block=block):
+      offset = tf.minimum(j * block, rows - block)
+      part = tf.cast(tf.slice(chunk, [offset, 0], [block, num_clusters]), tf.float32)
+      fresh = tf.cast(tf.range(block) + offset >= j * block, tf.float32)
+      return j + 1, acc + tf.reduce_sum(part * fresh[:, None], axis=0)
+
+    _, acc = tf.while_loop(lambda j, _: j < math.ceil(rows / block), body,
+                           (tf.constant(0), tf.zeros([num_clusters])))
+    total.append(tf.reduce_sum(acc))
+  return tf.add_n(total)
 
 
 def timed(fn, reps):
@@ -123,7 +167,8 @@ def selabel_ms_per_iter(power, block_rows, iters):
   r = tf.fill([num_clusters], 1.0 / num_clusters)
   zero_tol, no_limit = tf.constant(0.0), tf.constant(np.inf, tf.float32)
   n = tf.constant(iters)
-  return timed(lambda: solve(power, r, n, zero_tol, no_limit)[3].numpy(), reps=3) / iters * 1e3
+  omega = tf.constant(labeller.DEFAULT_OVER_RELAXATION)
+  return timed(lambda: solve(power, r, n, zero_tol, no_limit, omega)[3].numpy(), reps=3) / iters * 1e3
 
 
 class Reference:
@@ -233,24 +278,34 @@ def run_shape(num_examples, num_clusters, num_heads, lam):
 
 
 def run_imagenet():
+  """The ImageNet shape, to tolerance, with the storage dtypes of --imagenet_storage_dtypes.
+
+  The float32 kernel alone is 15.4 GB; the log-probs are generated chunk by chunk from a lazy source
+  (as a memory-mapped store of a real label pass would be read), never whole in memory.
+  """
   num_examples, num_clusters, lam = 1_281_167, 3000, 25.0
   print(f"\n=== ImageNet shape: N={num_examples} K={num_clusters} T=1 lam={lam} ===", flush=True)
   source = SyntheticLogProbs(num_examples, num_clusters, flags.FLAGS.seed)
   print(f"mean max-probability (first 65536 examples): {mean_max_prob(source[0:65536]):.3f}")
-  for storage_dtype in flags.FLAGS.storage_dtypes:
+  for storage_dtype in flags.FLAGS.imagenet_storage_dtypes:
+    gb = num_examples * num_clusters * tf.as_dtype(storage_dtype).size / 1e9
     start = time.perf_counter()
     result = labeller.assign_labels([source], lam, storage_dtype=storage_dtype, log_every=50)
     seconds = time.perf_counter() - start
     sizes = result.cluster_sizes(0)
-    print(f"selabel_tf, {storage_dtype} storage, tol={result.tol}: {seconds:.1f} s end to end "
-          f"(including generating the log-probs twice), {int(result.iterations[0])} iterations, "
-          f"marginal error {result.marginal_error[0]:.3g}, cluster sizes {sizes.min()}..{sizes.max()} "
-          f"(N/K={num_examples / num_clusters:.0f}), peak RSS so far {peak_rss_gb():.1f} GB", flush=True)
-  power, block_rows = prepare(source, lam, "float32")
-  read_ms = timed(lambda: one_read(power).numpy(), reps=3) * 1e3
-  ms = selabel_ms_per_iter(power, block_rows, 5)
-  print(f"one streaming read (15.4 GB): {read_ms:.0f} ms; selabel_tf float32: {ms:.0f} ms/iteration "
-        f"= {ms / read_ms:.2f} x one read")
+    print(f"selabel_tf, {storage_dtype} storage ({gb:.1f} GB kernel), tol={result.tol}: {seconds:.1f} s "
+          f"end to end (including generating the log-probs for every kernel build), "
+          f"{int(result.iterations[0])} iterations, marginal error {result.marginal_error[0]:.3g}, "
+          f"cluster sizes {sizes.min()}..{sizes.max()} (N/K={num_examples / num_clusters:.0f}), "
+          f"peak RSS so far {peak_rss_gb():.1f} GB", flush=True)
+    del result
+    power, block_rows = prepare(source, lam, storage_dtype)
+    read_ms = timed(lambda: one_read(power).numpy(), reps=3) * 1e3
+    ms = selabel_ms_per_iter(power, block_rows, 5)
+    print(f"  one streaming read of the {storage_dtype} kernel: {read_ms:.0f} ms ({gb / read_ms * 1e3:.1f} "
+          f"GB/s); selabel_tf: {ms:.0f} ms/iteration = {ms / read_ms:.2f} x that read; a read of the "
+          f"float32 P at that rate: {read_ms * 4 / tf.as_dtype(storage_dtype).size:.0f} ms", flush=True)
+    del power
   print(f"peak RSS of the whole run: {peak_rss_gb():.1f} GB (limit 20 GB)")
 
 

@@ -74,7 +74,7 @@ def main(argv):
   model.build()
   model.compile_for_self_labelling(keras.optimizers.SGD(0.03, momentum=0.9))
   per_epoch = f.nopts / f.epochs
-  label_pass = lambda p: pipeline.label_pass_dataset(dataset, config, batch_size=1024, seed=0, pass_index=p)
+  label_pass = lambda p: pipeline.label_pass_dataset(dataset, config, batch_size=4 * batch, seed=0, pass_index=p)
   callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[], verbose=0)
   callback.set_model(model)
   sela_train_seconds = timed_epoch(model, train, steps)

@@ -156,11 +156,18 @@ def _column_half_step(block, row_scale, inv_num_examples):
   return inv_num_examples / tf.maximum(tf.linalg.matvec(block, row_scale), tiny)
 
 
-@tf.function(jit_compile=True)
 def column_scale(power, row_scale, inv_num_examples):
-  """c = (1/N_total) / (power r) over the chunks of `power`: [N]."""
-  return tf.concat([_column_half_step(tf.cast(chunk, row_scale.dtype), row_scale, inv_num_examples)
-                    for chunk in power], 0)
+  """c = (1/N_total) / (power r) over the chunks of `power`: [N].
+
+  One XLA call per chunk: a narrow-stored chunk is widened to the compute dtype for the matvec, and
+  only one chunk's widened copy exists at a time (not a second kernel's worth).
+  """
+  return tf.concat([_chunk_column_scale(chunk, row_scale, inv_num_examples) for chunk in power], 0)
+
+
+@tf.function(jit_compile=True)
+def _chunk_column_scale(chunk, row_scale, inv_num_examples):
+  return _column_half_step(tf.cast(chunk, row_scale.dtype), row_scale, inv_num_examples)
 
 
 def row_marginal_error(row_scale, row_sums):
@@ -173,6 +180,18 @@ def row_marginal_error(row_scale, row_sums):
   return tf.reduce_max(tf.abs(num_clusters * row_scale * row_sums - 1))
 
 
+def over_relaxed_row_step(row_scale, sinkhorn_row_scale, omega):
+  """r^(1 - omega) * r_sk^omega: the over-relaxed row half-step (Thibault et al. 2017, "Overrelaxed
+  Sinkhorn-Knopp"). omega = 1 is the plain step r_sk; 1 < omega < 2 keeps the same fixed point (the
+  solution of eq. 8) and, on the slowly converging problems of large lambda, needs far fewer
+  iterations. The column half-step stays exact, so every example's mass is still 1/N."""
+  dtype = row_scale.dtype
+  tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+  # In logs: the ratio r_sk / r raised to omega could overflow where the result does not.
+  log_r = (1 - omega) * tf.math.log(row_scale) + omega * tf.math.log(sinkhorn_row_scale)
+  return tf.maximum(tf.exp(log_r), tiny)
+
+
 def log_spread(row_scale):
   """max_k log r_k - min_k log r_k (inf once some r_k is 0)."""
   log_r = tf.math.log(row_scale)
@@ -183,9 +202,10 @@ def make_solver(block_rows):
   """An XLA-compiled single-device solver for a given blocking (one compile per shape and dtype)."""
 
   @tf.function(jit_compile=True)
-  def solve(power, row_scale, max_iters, tol, absorb_limit):
+  def solve(power, row_scale, max_iters, tol, absorb_limit, omega):
     """Runs up to `max_iters` iterations from `row_scale`; stops once the marginal error <= tol, or
-    once the spread of log r exceeds `absorb_limit` (the caller then re-centres the kernel).
+    once the spread of log r exceeds `absorb_limit` (the caller then re-centres the kernel). `omega`
+    is the over-relaxation of the row half-step (1: plain Sinkhorn-Knopp).
 
     Returns:
       used: [K], the last r whose column half-step was taken; the returned error is that of
@@ -204,7 +224,7 @@ def make_solver(block_rows):
       del used, err
       row_sums = fused_pass(power, r, inv_n, block_rows)
       err = row_marginal_error(r, row_sums)
-      return it + 1, inv_k / tf.maximum(row_sums, tiny), r, err
+      return it + 1, over_relaxed_row_step(r, inv_k / tf.maximum(row_sums, tiny), omega), r, err
 
     def cond(it, r, used, err):
       del used
@@ -228,11 +248,15 @@ def make_pass(block_rows):
   return one_pass
 
 
-@tf.function(jit_compile=True)
 def argmax_labels(power, row_scale):
-  """argmax_k of Q[n, k] = r_k power[n, k] c_n over the chunks of `power`: int64 [N]."""
-  return tf.concat([tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
-                    for chunk in power], 0)
+  """argmax_k of Q[n, k] = r_k power[n, k] c_n over the chunks of `power`: int64 [N] (one XLA call per
+  chunk, as `column_scale`)."""
+  return tf.concat([_chunk_argmax(chunk, row_scale) for chunk in power], 0)
+
+
+@tf.function(jit_compile=True)
+def _chunk_argmax(chunk, row_scale):
+  return tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
 
 
 @tf.function

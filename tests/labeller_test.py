@@ -351,6 +351,54 @@ def test_warm_start_converges_faster_to_the_same_labels():
   np.testing.assert_array_equal(warm_from_vectors.iterations, warm.iterations)
 
 
+# --------------------------------------------------------------------------------------------------
+# 5b. Annealing and over-relaxation: the same solution of eq. 8, in fewer iterations.
+
+
+def test_annealing_stages_halve_lambda_down_to_two():
+  assert selabel_tf.labeller.annealing_stages(25.0) == [3.125, 6.25, 12.5, 25.0]
+  assert selabel_tf.labeller.annealing_stages(10.0) == [2.5, 5.0, 10.0]
+  assert selabel_tf.labeller.annealing_stages(3.0) == [3.0]
+
+
+@pytest.mark.parametrize("anneal,over_relaxation", [(True, 1.0), (False, 1.8), (True, 1.8)])
+def test_annealing_and_over_relaxation_reach_the_reference_solution(anneal, over_relaxation):
+  log_probs = _confident_log_probs(11, 600, 12, boost=5.0)
+  q_ref = _reference_sinkhorn(log_probs, 25.0)
+
+  result = selabel_tf.assign_labels([log_probs], 25.0, tol=1e-9, dtype="float64", anneal=anneal,
+                                    over_relaxation=over_relaxation, max_iters=100_000)
+
+  assert result.converged[0]
+  _assert_q_close(_q_of(result, 0, log_probs, 25.0).T, q_ref.T, 1e-5)
+  np.testing.assert_array_equal(result.labels[0], np.argmax(q_ref, axis=0))
+
+
+def test_annealing_and_over_relaxation_need_fewer_iterations_at_large_lambda():
+  log_probs = [_confident_log_probs(12, 4000, 50, boost=4.0).astype(np.float32)]
+  plain = selabel_tf.assign_labels(log_probs, 25.0, tol=0.01, anneal=False, over_relaxation=1.0)
+  annealed = selabel_tf.assign_labels(log_probs, 25.0, tol=0.01, anneal=True, over_relaxation=1.0)
+  both = selabel_tf.assign_labels(log_probs, 25.0, tol=0.01)  # the defaults
+
+  assert plain.converged[0] and annealed.converged[0] and both.converged[0]
+  assert annealed.iterations[0] < plain.iterations[0], (annealed.iterations, plain.iterations)
+  assert both.iterations[0] < annealed.iterations[0], (both.iterations, annealed.iterations)
+  assert np.mean(both.labels == plain.labels) >= 0.99
+
+
+def test_max_iters_inside_an_annealing_stage_still_labels_at_full_lambda(caplog):
+  log_probs = [_confident_log_probs(13, 500, 10, boost=4.0).astype(np.float32)]
+  with caplog.at_level(logging.WARNING, logger="selabel_tf.labeller"):
+    result = selabel_tf.assign_labels(log_probs, 25.0, tol=1e-6, max_iters=3)
+
+  assert result.iterations[0] == 3 and not result.converged[0]
+  _assert_finite(result)
+  assert "stopped at max_iters" in caplog.text and "3.125 -> 6.25 -> 12.5 -> 25" in caplog.text
+  # log alpha is the full-lambda one: Q of the docstring formula sums to 1.
+  q = _q_of(result, 0, log_probs[0], 25.0)
+  assert abs(q.sum() - 1) < 1e-3
+
+
 def test_warm_start_from_converged_solution_stops_at_once():
   log_probs = [_random_log_probs(7, 300, 6).astype(np.float32)]
   first = selabel_tf.assign_labels(log_probs, 10.0, tol=1e-4)
@@ -465,6 +513,8 @@ def _with_bad_entries(value, count):
     (dict(warm_start=[np.zeros(4)]), r"warm_start"),
     (dict(warm_start=[np.zeros(4), np.zeros(4)]), r"warm_start"),
     (dict(warm_start=[np.zeros(4), np.full(5, np.nan)]), r"warm_start"),
+    (dict(over_relaxation=2.0), r"over_relaxation must be in \[1, 2\), got 2.0"),
+    (dict(over_relaxation=0.5), r"over_relaxation must be in \[1, 2\), got 0.5"),
 ])
 def test_bad_input_raises(kwargs, message):
   args = dict(log_probs=[_head(), _head(num_clusters=5, seed=1)], lam=10.0)
