@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 ARCHITECTURES = ("alexnet_small", "alexnet", "resnet18", "resnet50")
+LABELLER_STORAGE = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,8 @@ class TrainConfig:
     labeller_max_iters: the labeller's iteration cap.
     labeller_balance: "argmax" (the paper: argmax of Q) or "exact" (every cluster gets floor(N/K) or
       ceil(N/K) examples; see `labeller.assign_labels`).
+    labeller_storage: dtype of the stored kernel P^lam: "float32", or "float16" (half the memory; the
+      ImageNet configs use it).
     strategy: one of STRATEGIES.
     mixed_precision: train in mixed_bfloat16 (CPU/TPU) or mixed_float16 (GPU).
     seed: seed of everything random.
@@ -109,6 +112,7 @@ class TrainConfig:
   labeller_tol: float = 0.1
   labeller_max_iters: int = 2000
   labeller_balance: str = "argmax"
+  labeller_storage: str = "float32"
   strategy: str = "auto"
   mixed_precision: bool = False
   seed: int = 0
@@ -142,6 +146,8 @@ class TrainConfig:
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
+        (self.labeller_storage in LABELLER_STORAGE,
+         f"--labeller_storage={self.labeller_storage!r} must be one of {LABELLER_STORAGE}"),
         (self.labeller_balance in labeller.BALANCE_MODES,
          f"--labeller_balance={self.labeller_balance!r} must be one of {labeller.BALANCE_MODES}"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
@@ -301,7 +307,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
       label_pass, num_examples, config.lam, total_steps=total_steps, num_labellings=config.nopts,
       spacing=config.labelling_spacing, num_passes=config.label_passes,
       labeller_options={"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
-                        "balance": config.labeller_balance},
+                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage},
       log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
   fit_callbacks = [
       keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),

@@ -124,6 +124,7 @@ def tiny_npz(make_npz):
     ("k_vs_n", ["--heads=64"], "--heads=64"),
     ("balance", ["--labeller_balance=round"], "--labeller_balance='round' must be one of"),
     ("label_batch", ["--label_batch_size=-1"], "--label_batch_size=-1 must be >= 0"),
+    ("storage", ["--labeller_storage=int8"], "--labeller_storage='int8' must be one of"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
   del name
@@ -143,3 +144,14 @@ def test_cli_refuses_a_run_dir_of_another_config(tiny_npz, tmp_path):
   assert result.returncode == 2 and "another configuration" in result.stderr and "--lam" in result.stderr
   with open(run_dir / "config.json") as f:
     assert json.load(f)["lam"] == 10.0  # the earlier run's files are intact
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_passes_validation(config, tmp_path):
+  """Each shipped flagfile holds only known flags and allowed values: the run gets as far as loading
+  the dataset (here one that does not exist)."""
+  result = _train_cli(f"--flagfile={os.path.join(ROOT, 'configs', config)}", "--dataset=/nonexistent",
+                      f"--run_dir={tmp_path / 'run'}")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("train: error: --dataset=/nonexistent"), \
+      result.stderr
