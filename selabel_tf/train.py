@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 ARCHITECTURES = ("alexnet_small", "alexnet", "resnet18", "resnet50")
-LABELLER_STORAGE = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -78,8 +77,8 @@ class TrainConfig:
     labeller_max_iters: the labeller's iteration cap.
     labeller_balance: "argmax" (the paper: argmax of Q) or "exact" (every cluster gets floor(N/K) or
       ceil(N/K) examples; see `labeller.assign_labels`).
-    labeller_storage: dtype of the stored kernel P^lam: "float32", or "float16" (half the memory; the
-      ImageNet configs use it).
+    labeller_storage: dtype of the stored kernel P^lam, one of `labeller.STORAGE_DTYPES` ("float16":
+      half the memory; the ImageNet configs use it).
     strategy: one of STRATEGIES.
     mixed_precision: train in mixed_bfloat16 (CPU/TPU) or mixed_float16 (GPU).
     seed: seed of everything random.
@@ -146,8 +145,8 @@ class TrainConfig:
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
-        (self.labeller_storage in LABELLER_STORAGE,
-         f"--labeller_storage={self.labeller_storage!r} must be one of {LABELLER_STORAGE}"),
+        (self.labeller_storage in labeller.STORAGE_DTYPES,
+         f"--labeller_storage={self.labeller_storage!r} must be one of {labeller.STORAGE_DTYPES}"),
         (self.labeller_balance in labeller.BALANCE_MODES,
          f"--labeller_balance={self.labeller_balance!r} must be one of {labeller.BALANCE_MODES}"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
