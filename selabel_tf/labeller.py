@@ -3,8 +3,9 @@
 `assign_labels` solves, per head, the entropy-regularised transport problem of eq. 7 by the fast
 Sinkhorn-Knopp iteration of eq. 8, Q = diag(alpha) P^lam diag(beta), and returns the argmax of Q per
 example (or, with `balance="exact"`, a rounding of Q in which every cluster gets floor(N/K) or ceil(N/K)
-examples). `assign_labels_sharded` does the same when each replica of a `tf.distribute` strategy holds a
-slice of the examples; only [K]-vectors cross replicas per iteration.
+examples; with `balance="sample"`, labels drawn from each example's q(k|n)). `assign_labels_sharded`
+does the same when each replica of a `tf.distribute` strategy holds a slice of the examples; only
+[K]-vectors cross replicas per iteration.
 
 Stopping criterion. After the column half-step every example carries exactly mass 1/N, so the only
 violated constraint is the cluster marginal. The iteration stops once
@@ -40,7 +41,7 @@ DEFAULT_TOL = 0.1
 DEFAULT_MAX_ITERS = 2000
 # Measured by benchmarks/sinkhorn.py's shapes: 1.8 cuts the iterations to tol 0.1 by 1.7-1.8x.
 DEFAULT_OVER_RELAXATION = 1.8
-BALANCE_MODES = ("argmax", "exact")
+BALANCE_MODES = ("argmax", "exact", "sample")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _CANDIDATES = 8  # clusters per example kept for the exact-equipartition rounding
 
@@ -88,6 +89,7 @@ def assign_labels(log_probs: LogProbs,
                   storage_dtype: Optional[str] = None,
                   anneal: bool = True,
                   over_relaxation: float = DEFAULT_OVER_RELAXATION,
+                  seed: int = 0,
                   log_every: int = 100) -> LabelAssignment:
   """Assigns equipartitioned labels by Sinkhorn-Knopp, per head, on the current device.
 
@@ -100,7 +102,10 @@ def assign_labels(log_probs: LogProbs,
     max_iters: at most this many iterations per head.
     warm_start: a previous `LabelAssignment`, or a sequence of T log alpha vectors [K_t]
       (paper sec. 3.1: alpha and beta can be retained between steps; beta follows from alpha).
-    balance: "argmax" (the paper: argmax of Q) or "exact" (cluster sizes floor(N/K) or ceil(N/K)).
+    balance: "argmax" (the paper: argmax of Q), "exact" (cluster sizes floor(N/K) or ceil(N/K)) or
+      "sample" (each label drawn from q(k|n) = N Q[n, k], seeded by `seed`: sizes N/K in expectation.
+      For a nearly flat Q, as an untrained network gives, whose argmax can collapse onto a few
+      clusters).
     dtype: "float32" or "float64", the precision of the iteration.
     storage_dtype: dtype of the stored kernel P^lam; defaults to `dtype`. "float16"/"bfloat16" halve
       the bytes read per iteration.
@@ -110,6 +115,7 @@ def assign_labels(log_probs: LogProbs,
     over_relaxation: omega in [1, 2) of the over-relaxed row half-step (1: plain Sinkhorn-Knopp; see
       `sinkhorn.over_relaxed_row_step`). Same solution, fewer iterations; if a stretch of `log_every`
       iterations makes no progress, the solve falls back to 1.
+    seed: seed of `balance="sample"` (head t draws from the stream (seed, t)).
     log_every: log progress (and check for a stop) every this many iterations.
 
   Returns:
@@ -134,7 +140,7 @@ def assign_labels(log_probs: LogProbs,
   results = []
   for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
     results.append(_run(solver, stages[t], log_alpha, tol, max_iters, log_every,
-                        f"head {t + 1}/{len(heads)}", balance, over_relaxation))
+                        f"head {t + 1}/{len(heads)}", balance, over_relaxation, (seed, t)))
     solver.release()
   return _assignment(results, tol)
 
@@ -149,7 +155,9 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
                           dtype: str = "float32",
                           storage_dtype: Optional[str] = None,
                           anneal: bool = True,
+                          balance: str = "argmax",
                           over_relaxation: float = DEFAULT_OVER_RELAXATION,
+                          seed: int = 0,
                           log_every: int = 100) -> LabelAssignment:
   """`assign_labels` with the examples sharded over the replicas of `strategy`.
 
@@ -161,14 +169,17 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
     strategy: the `tf.distribute.Strategy` holding the shards.
     per_replica_log_probs: distributed values whose per-replica value is a tuple of T tensors
       [N_r, K_t] (or one tensor [T, N_r, K]): replica r's slice of the examples, in replica order.
-    lam, tol, max_iters, warm_start, dtype, storage_dtype, anneal, over_relaxation, log_every: as in
-      `assign_labels`.
+    lam, tol, max_iters, warm_start, dtype, storage_dtype, anneal, over_relaxation, seed, log_every:
+      as in `assign_labels`.
+    balance: "argmax" or "sample", as in `assign_labels` (replica r samples from the stream
+      (seed, t) folded with r); the exact equipartition rounding is single-device only.
 
   Returns:
-    A `LabelAssignment` over all N examples, concatenated in replica order (the argmax of Q; exact
-    equipartition rounding is single-device only).
+    A `LabelAssignment` over all N examples, concatenated in replica order.
   """
-  dtype, storage_dtype = _check_options(lam, tol, max_iters, "argmax", dtype, storage_dtype, log_every,
+  if balance == "exact":
+    raise ValueError("balance='exact' is single-device only: use assign_labels, or 'argmax' or 'sample'")
+  dtype, storage_dtype = _check_options(lam, tol, max_iters, balance, dtype, storage_dtype, log_every,
                                         over_relaxation)
   local_heads = _as_heads(strategy.experimental_local_results(per_replica_log_probs)[0],
                           check_sizes=False)
@@ -183,7 +194,7 @@ def assign_labels_sharded(strategy: tf.distribute.Strategy,
   results = []
   for t, (solver, log_alpha) in enumerate(zip(solvers, init_log_alpha)):
     results.append(_run(solver, stages[t], log_alpha, tol, max_iters, log_every,
-                        f"sharded head {t + 1}/{len(solvers)}", "argmax", over_relaxation))
+                        f"sharded head {t + 1}/{len(solvers)}", balance, over_relaxation, (seed, t)))
     solver.release()
   return _assignment(results, tol)
 
@@ -215,7 +226,7 @@ def annealing_stages(lam: float) -> list:
 _ABSORB_LIMIT = {"float16": 8.0, "bfloat16": 40.0, "float32": 40.0, "float64": 300.0}
 
 
-def _run(solver, stages, log_alpha, tol, max_iters, log_every, name, balance, omega):
+def _run(solver, stages, log_alpha, tol, max_iters, log_every, name, balance, omega, seed):
   """The Sinkhorn loop shared by the local and sharded solvers, with absorption and progress logs.
 
   `stages` are the lambdas solved at in turn (see `annealing_stages`); the last is the problem's.
@@ -281,6 +292,8 @@ def _run(solver, stages, log_alpha, tol, max_iters, log_every, name, balance, om
   col_scale = solver.column_scale(used)
   if balance == "argmax":
     labels = solver.argmax_labels(used)
+  elif balance == "sample":
+    labels = solver.sample_labels(used, seed)
   else:
     labels = solver.exact_equipartition(used, col_scale)
   log_alpha = np.log(used.numpy().astype(np.float64)) - solver.row_offset
@@ -395,6 +408,9 @@ class _LocalHead(_Head):
   def argmax_labels(self, row_scale):
     return sinkhorn.argmax_labels(self.power, row_scale).numpy()
 
+  def sample_labels(self, row_scale, seed):
+    return sinkhorn.sample_labels(self.power, row_scale, seed).numpy()
+
   def exact_equipartition(self, row_scale, col_scale):
     return _exact_equipartition(self.head, self.power, self.bounds, row_scale, col_scale)
 
@@ -479,8 +495,13 @@ class _ShardedHead(_Head):
     labels = self.strategy.run(sinkhorn.argmax_labels, args=(self.power, row_scale))
     return self.strategy.gather(labels, axis=0).numpy()
 
-  def exact_equipartition(self, row_scale, col_scale):
-    raise NotImplementedError("balance='exact' is single-device only")
+  def sample_labels(self, row_scale, seed):
+    def replica_sample(power, row_scale):
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      key = tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), replica)
+      return sinkhorn.sample_labels(power, row_scale, key)
+    labels = self.strategy.run(replica_sample, args=(self.power, row_scale))
+    return self.strategy.gather(labels, axis=0).numpy()
 
   def release(self):
     self.power = None

@@ -259,6 +259,33 @@ def _chunk_argmax(chunk, row_scale):
   return tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
 
 
+def sample_labels(power, row_scale, key):
+  """Labels drawn from q(k|n), proportional to r_k power[n, k] for each example n: int64 [N].
+
+  Inverse-CDF sampling with one uniform number per example (stateless, chunk c seeded by
+  `fold_in(key, c)`), one XLA call per chunk. The cluster sizes are then N/K in expectation, however
+  flat Q is, where the argmax of a nearly flat Q can put most examples in one cluster.
+
+  Args:
+    power: the kernel's row chunks (as `argmax_labels`).
+    row_scale: float [K], r.
+    key: int64 [2], the stateless seed.
+  """
+  key = tf.cast(key, tf.int64)
+  return tf.concat([_chunk_sample(chunk, row_scale, tf.random.experimental.stateless_fold_in(key, c))
+                    for c, chunk in enumerate(power)], 0)
+
+
+@tf.function(jit_compile=True)
+def _chunk_sample(chunk, row_scale, key):
+  cumulative = tf.math.cumsum(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
+  threshold = tf.random.stateless_uniform(tf.shape(chunk)[:1], key, dtype=row_scale.dtype)
+  threshold *= cumulative[:, -1]
+  # The first k whose cumulative mass reaches the threshold (clipped against round-off at the end).
+  label = tf.reduce_sum(tf.cast(cumulative < threshold[:, None], tf.int64), axis=1)
+  return tf.minimum(label, tf.cast(tf.shape(chunk)[1] - 1, tf.int64))
+
+
 @tf.function
 def conditional_log_q(power_chunk, row_scale, col_scale_chunk, num_examples):
   """log q(k|n) = log(N Q[n, k]) for a chunk of examples: [n, K] (each row's exp sums to 1)."""

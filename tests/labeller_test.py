@@ -646,3 +646,80 @@ def test_cluster_sizes_and_converged_are_consistent(caplog):
   np.testing.assert_array_equal(stopped.converged, [False, False])
   assert np.all(stopped.marginal_error > 1e-3)
   assert "max_iters" in caplog.text
+
+
+# balance="sample": labels drawn from q(k|n) = N Q[n, k].
+
+
+def _prototype_log_probs(seed, copies, num_clusters):
+  """Five distinct rows, each repeated `copies` times (interleaved): examples of one prototype share
+  q(k|n), so its empirical label frequencies estimate that distribution."""
+  prototypes = _random_log_probs(seed, 5, num_clusters, scale=1.5)
+  return np.tile(prototypes, (copies, 1)), np.tile(np.arange(5), copies)
+
+
+def test_sampled_label_frequencies_match_the_reference_q():
+  copies, num_clusters, lam = 3000, 4, 2.0
+  log_probs, prototype = _prototype_log_probs(5, copies, num_clusters)
+  q_ref = _reference_sinkhorn(log_probs, lam, tol=1e-10)  # [K, N]
+  result = selabel_tf.assign_labels([log_probs], lam, tol=1e-6, dtype="float64", balance="sample",
+                                    seed=3)
+
+  for p in range(5):
+    expected = q_ref[:, prototype == p][:, 0] * len(prototype)  # q(k|n) of the prototype, sums to 1
+    counts = np.bincount(result.labels[0][prototype == p], minlength=num_clusters)
+    sigma = np.sqrt(copies * expected * (1 - expected))
+    assert np.all(np.abs(counts - copies * expected) <= 5 * sigma + 1), (p, counts, copies * expected)
+  # The argmax would give each prototype a single cluster; sampling spreads every prototype out.
+  argmax = selabel_tf.assign_labels([log_probs], lam, tol=1e-6, dtype="float64")
+  assert all(len(np.unique(argmax.labels[0][prototype == p])) == 1 for p in range(5))
+
+
+def test_sampling_splits_a_flat_q_where_the_argmax_collapses():
+  # Identical rows (an untrained network's nearly flat predictions, at the extreme): Q = 1/(NK)
+  # everywhere. Its argmax puts every example in one cluster; samples are Binomial(N, 1/K) per cluster.
+  num_examples, num_clusters = 20000, 10
+  log_probs = np.tile(_random_log_probs(6, 1, num_clusters), (num_examples, 1)).astype(np.float32)
+
+  argmax = selabel_tf.assign_labels([log_probs], 10.0)
+  sample = selabel_tf.assign_labels([log_probs], 10.0, balance="sample")
+
+  assert argmax.cluster_sizes().max() == num_examples
+  sigma = np.sqrt(num_examples * 0.1 * 0.9)
+  assert np.all(np.abs(sample.cluster_sizes() - num_examples / num_clusters) <= 5 * sigma)
+
+
+def test_sampling_is_seeded():
+  heads = [_random_log_probs(7, 500, 6).astype(np.float32), _random_log_probs(8, 500, 6).astype(np.float32)]
+
+  first = selabel_tf.assign_labels(heads, 10.0, balance="sample", seed=1)
+  again = selabel_tf.assign_labels(heads, 10.0, balance="sample", seed=1)
+  other = selabel_tf.assign_labels(heads, 10.0, balance="sample", seed=2)
+
+  np.testing.assert_array_equal(first.labels, again.labels)
+  assert np.mean(first.labels != other.labels) > 0.02  # these predictions are confident
+  np.testing.assert_array_equal(first.log_row_scale[0], other.log_row_scale[0])  # the same Q
+
+
+def test_sharded_sampling_matches_the_reference_q(strategy):
+  copies, num_clusters, lam = 1500, 4, 2.0
+  log_probs, prototype = _prototype_log_probs(9, copies, num_clusters)
+  q_ref = _reference_sinkhorn(log_probs, lam, tol=1e-10)
+  half = len(prototype) // 2
+  values = _distribute(strategy, [log_probs.astype(np.float32)], (half, len(prototype) - half))
+
+  result = selabel_tf.assign_labels_sharded(strategy, values, lam, tol=1e-5, balance="sample")
+
+  for p in range(5):
+    expected = q_ref[:, prototype == p][:, 0] * len(prototype)
+    counts = np.bincount(result.labels[0][prototype == p], minlength=num_clusters)
+    sigma = np.sqrt(copies * expected * (1 - expected))
+    assert np.all(np.abs(counts - copies * expected) <= 5 * sigma + 1), (p, counts, copies * expected)
+  # The two replicas draw from different streams: their halves are not copies of each other.
+  assert np.mean(result.labels[0][:half] != result.labels[0][half:2 * half]) > 0.3
+
+
+def test_sharded_rejects_exact_balance(strategy):
+  values = _distribute(strategy, [_head(num_examples=40)], (20, 20))
+  with pytest.raises(ValueError, match="balance='exact' is single-device only"):
+    selabel_tf.assign_labels_sharded(strategy, values, 10.0, balance="exact")

@@ -124,6 +124,9 @@ def tiny_npz(make_npz):
     ("k_vs_n", ["--heads=64"], "--heads=64"),
     ("balance", ["--labeller_balance=round"], "--labeller_balance='round' must be one of"),
     ("label_batch", ["--label_batch_size=-1"], "--label_batch_size=-1 must be >= 0"),
+    ("cold_start", ["--labeller_cold_start_balance=first"],
+     "--labeller_cold_start_balance='first' must be one of"),
+    ("label_pass_precision", ["--label_pass_precision=int8"], "--label_pass_precision='int8' must be one of"),
     ("storage", ["--labeller_storage=int8"], "--labeller_storage='int8' must be one of"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):

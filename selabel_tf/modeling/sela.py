@@ -132,6 +132,24 @@ class SelaModel(keras.Model):
         loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True) for _ in range(num_heads)],
         loss_weights=[1.0 / num_heads] * num_heads, **kwargs)
 
+  def with_dtype_policy(self, dtype_policy: str) -> "SelaModel":
+    """A new, built SelaModel of this configuration whose layers compute in `dtype_policy`.
+
+    For a label pass in mixed precision ("mixed_bfloat16", "mixed_float16") while training in float32:
+    give it to `SelfLabelCallback(label_model=...)`, which copies this model's weights into it before
+    each pass. The heads compute in float32 in either (see `MultiHead`). Its variables are placed by
+    the current strategy scope, like this model's.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(dtype_policy)
+    try:
+      config = {**self.get_config(), "name": f"{self.name}_{dtype_policy}"}
+      twin = SelaModel.from_config(config)
+      twin.build()
+    finally:
+      keras.mixed_precision.set_global_policy(previous)
+    return twin
+
   def get_config(self):
     return {"architecture": self.architecture, "image_shape": list(self.image_shape),
             "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,

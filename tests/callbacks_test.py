@@ -1,0 +1,118 @@
+"""SelfLabelCallback: the cold-start labelling and the label pass on a twin model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from selabel_tf import callbacks as callbacks_lib
+from selabel_tf.modeling.sela import SelaModel
+
+NUM_EXAMPLES, SHAPE = 2000, (16, 16, 1)
+
+
+def _indexed(images, batch=256):
+  return tf.data.Dataset.from_tensor_slices(
+      {"index": np.arange(len(images), dtype=np.int64), "image": images}).batch(batch)
+
+
+def _flat_model(num_clusters):
+  """Every image gets the same logits: the extreme of an untrained network's flat predictions."""
+  images = keras.Input(SHAPE)
+  features = keras.layers.Flatten()(images)
+  logits = keras.layers.Dense(num_clusters, kernel_initializer="zeros",
+                              bias_initializer=keras.initializers.RandomNormal(seed=0))(features)
+  model = keras.Model(images, logits)
+  model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  return model
+
+
+@pytest.mark.parametrize("cold_start_balance", ["sample", None])
+def test_first_labelling_samples_a_flat_q_and_later_ones_take_the_argmax(cold_start_balance):
+  num_clusters = 10
+  images = np.random.default_rng(0).normal(size=(NUM_EXAMPLES,) + SHAPE).astype(np.float32)
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images), NUM_EXAMPLES, 10.0, steps=[0],
+                                             num_clusters=(num_clusters,),
+                                             cold_start_balance=cold_start_balance, verbose=0)
+  callback.set_model(_flat_model(num_clusters))
+
+  first = callback.relabel()
+  second = callback.relabel()  # warm-started: the paper's argmax
+
+  sizes = first.cluster_sizes()
+  if cold_start_balance == "sample":
+    sigma = np.sqrt(NUM_EXAMPLES * 0.1 * 0.9)
+    assert np.all(np.abs(sizes - NUM_EXAMPLES / num_clusters) <= 5 * sigma), sizes
+  else:
+    assert sizes.max() == NUM_EXAMPLES
+  assert second.cluster_sizes().max() == NUM_EXAMPLES
+  assert callback.last_metrics["selabel_largest_cluster"] == NUM_EXAMPLES
+
+
+def test_bad_cold_start_balance_raises():
+  with pytest.raises(ValueError, match="cold_start_balance must be None or one of"):
+    callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
+                                    num_clusters=(2,), cold_start_balance="round")
+
+
+def _sela_model():
+  keras.utils.set_random_seed(0)
+  model = SelaModel("alexnet_small", SHAPE, (5, 3), 300, name="sela")
+  model.build()
+  model.compile_for_self_labelling(keras.optimizers.SGD(0.1))
+  return model
+
+
+def _perturb(model):
+  """New weights, as training would give (the twin must see these, not the ones it was built with)."""
+  rng = np.random.default_rng(1)
+  for variable in model.trainable_weights:
+    variable.assign(np.asarray(variable) * rng.uniform(0.5, 1.5, size=variable.shape) + 1e-3)
+
+
+def _label_passes_on_model_and_twin(dtype_policy, seed):
+  """(model, twin, log-probs of the model's own pass, of the pass on the twin) after new weights."""
+  images = np.random.default_rng(seed).normal(size=(300,) + SHAPE).astype(np.float32)
+  model = _sela_model()
+  twin = model.with_dtype_policy(dtype_policy)
+  _perturb(model)
+  passes = []
+  for label_model in (None, twin):
+    callback = callbacks_lib.SelfLabelCallback(_indexed(images, 64), 300, 10.0, steps=[0], verbose=0,
+                                               label_model=label_model)
+    callback.set_model(model)
+    passes.append(callback.collect_log_probs())
+  return model, twin, passes[0], passes[1]
+
+
+def test_label_pass_on_a_twin_uses_the_trained_weights():
+  _, _, expected, got = _label_passes_on_model_and_twin("float32", seed=2)
+
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_label_pass_in_mixed_bfloat16_while_training_in_float32():
+  model, twin, expected, got = _label_passes_on_model_and_twin("mixed_bfloat16", seed=3)
+
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored after building the twin
+  assert model.backbone.get_layer("conv2_conv").compute_dtype == "float32"
+  assert twin.backbone.get_layer("conv2_conv").compute_dtype == "bfloat16"
+  assert twin.heads.compute_dtype == "float32"
+  for a, b in zip(expected, got):
+    difference = np.abs(b - a)
+    assert 0 < difference.max() < 0.1  # bfloat16 has 8 bits of mantissa: differs, but not by much
+    assert np.mean(np.argmax(a, 1) == np.argmax(b, 1)) > 0.9
+
+
+def test_label_model_with_other_weights_raises():
+  images = np.zeros((300,) + SHAPE, np.float32)
+  model = _sela_model()
+  other = SelaModel("alexnet_small", SHAPE, (5, 4), 300, name="other")
+  other.build()
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images), 300, 10.0, steps=[0], verbose=0,
+                                             label_model=other)
+  callback.set_model(model)
+  with pytest.raises(ValueError, match="label_model 'other' does not have the weights of the trained "
+                                       "model 'sela'"):
+    callback.collect_log_probs()

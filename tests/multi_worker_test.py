@@ -1,0 +1,87 @@
+"""The label pass under MultiWorkerMirroredStrategy: two real worker processes on this machine.
+
+Each worker runs its share of the label pass; `SelfLabelCallback` gathers every replica's results on
+every worker, so both workers hold all N log-probabilities and compute the same labels as one process
+alone does.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import keras
+    import tensorflow as tf
+    from selabel_tf import callbacks as callbacks_lib
+    from selabel_tf.modeling.sela import SelaModel
+
+    out, multi = sys.argv[1], sys.argv[2] == "multi"
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if multi else tf.distribute.get_strategy()
+    num_examples = 90  # 90 = 5 x 16 + 10: the last global batch does not split evenly
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(num_examples, 16, 16, 1)).astype(np.float32)
+    order = rng.permutation(num_examples)
+    label_pass = tf.data.Dataset.from_tensor_slices(
+        {"index": order.astype(np.int64), "image": images[order]}).batch(16)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+      model = SelaModel("alexnet_small", (16, 16, 1), (4, 3), num_examples, name="sela")
+      model.build()
+      model.compile_for_self_labelling(keras.optimizers.SGD(0.1))
+    callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[0], verbose=0)
+    callback.set_model(model)
+    log_probs = callback.collect_log_probs()
+    result = callback.relabel()
+    np.savez(out, labels=result.labels, replicas=strategy.num_replicas_in_sync,
+             **{f"head_{t}": h for t, h in enumerate(log_probs)})
+""")
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def _env(**extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+  return env
+
+
+def test_two_workers_label_like_one_process(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  single = tmp_path / "single.npz"
+  subprocess.run([sys.executable, str(script), str(single), "single"], env=_env(), check=True,
+                 timeout=300)
+
+  workers = [f"localhost:{port}" for port in _free_ports(2)]
+  processes = []
+  for index in range(2):
+    tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+    processes.append(subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / f"worker_{index}.npz"), "multi"],
+        env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  for process in processes:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output.decode()[-3000:]
+
+  expected = np.load(single)
+  for index in range(2):
+    got = np.load(tmp_path / f"worker_{index}.npz")
+    assert int(got["replicas"]) == 2
+    for t in range(2):
+      np.testing.assert_allclose(got[f"head_{t}"], expected[f"head_{t}"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got["labels"], expected["labels"])
