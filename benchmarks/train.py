@@ -3,8 +3,10 @@
 In one run, on the default config's data, backbone, batch and pipeline (Fashion-MNIST, small-input
 AlexNet, batch 256, paper augmentation), prints:
   * the epoch wall time of SeLa (T heads against self-labels, with self-labelling amortised at the
-    default schedule: --nopts labellings over --epochs epochs) and of a supervised fit of the same
-    backbone with one head on the ground-truth labels, and their ratio;
+    default schedule: --nopts labellings over --epochs epochs, the label pass in
+    --label_pass_precision) and of a supervised fit of the same backbone with one head on the
+    ground-truth labels, and their ratio. The machine is shared, so the two fits and a labelling are
+    timed in --rounds interleaved rounds (a third of an epoch each by default), and medians are used;
   * the train step's images/s, and the input pipeline's images/s alone beside it.
 
 Run:  .venv/bin/python benchmarks/train.py
@@ -15,6 +17,7 @@ import time
 from absl import app
 from absl import flags
 import keras
+import numpy as np
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
@@ -29,17 +32,21 @@ def define_flags():
   flags.DEFINE_string("architecture", "alexnet_small", "Backbone.")
   flags.DEFINE_string("heads", "10,10,64,64", "SeLa heads (as configs/fashion_mnist.cfg).")
   flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-  flags.DEFINE_integer("epochs", 3, "Epochs of the default schedule (labelling is amortised over them).")
+  flags.DEFINE_integer("epochs", 4, "Epochs of the default schedule (labelling is amortised over them; as "
+                       "configs/fashion_mnist.cfg).")
   flags.DEFINE_integer("nopts", 3, "Labellings over --epochs (as configs/fashion_mnist.cfg).")
   flags.DEFINE_integer("examples", 60000, "Examples used (the first N of Fashion-MNIST's train split).")
   flags.DEFINE_bool("mixed_precision", False, "Train in mixed_bfloat16.")
+  flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds (an epoch's steps split among them).")
+  flags.DEFINE_string("label_pass_precision", "mixed_bfloat16",
+                      "Dtype policy of the label pass (as configs/fashion_mnist.cfg); model: the "
+                      "training one.")
 
 
-def timed_epoch(model, ds, steps, callbacks=()):
-  """Wall time of one epoch of `steps` steps, after a short warm-up fit (tracing, first batches)."""
-  model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0)
+def timed_fit(model, ds, steps):
+  """Wall time of a fit of `steps` steps."""
   start = time.perf_counter()
-  model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=list(callbacks))
+  model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
   return time.perf_counter() - start
 
 
@@ -54,6 +61,7 @@ def main(argv):
                                    "original_index": dataset.original_index[:f.examples]})
   num_examples, batch = dataset.num_examples, f.batch_size
   steps = num_examples // batch
+  block = steps // f.rounds
   config = dataset.augment_config(strength="paper")
   shape = dataset.images.shape[1:]
   train = pipeline.train_dataset(dataset, config, batch_size=batch, seed=0)
@@ -66,22 +74,38 @@ def main(argv):
   supervised = keras.Model(images, heads_lib.MultiHead((truth.num_classes,))(features)[0])
   supervised.compile(keras.optimizers.SGD(0.03, momentum=0.9),
                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  supervised_seconds = timed_epoch(supervised, supervised_ds, steps)
 
   # SeLa: T heads, self-labels by index; labelling amortised: nopts / epochs labellings per epoch.
   num_clusters = heads_lib.parse_heads(f.heads)
   model = SelaModel(f.architecture, shape, num_clusters, num_examples)
   model.build()
   model.compile_for_self_labelling(keras.optimizers.SGD(0.03, momentum=0.9))
+  policy = f.label_pass_precision
+  label_model = (None if policy in ("model", keras.mixed_precision.global_policy().name)
+                 else model.with_dtype_policy(policy))
   per_epoch = f.nopts / f.epochs
   label_pass = lambda p: pipeline.label_pass_dataset(dataset, config, batch_size=4 * batch, seed=0, pass_index=p)
-  callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[], verbose=0)
+  callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[], verbose=0,
+                                             label_model=label_model)
   callback.set_model(model)
-  sela_train_seconds = timed_epoch(model, train, steps)
+
+  # Warm-up (tracing, first batches), and the first labelling of a run (a cold start).
+  timed_fit(supervised, supervised_ds, 3)
+  timed_fit(model, train, 3)
   start = time.perf_counter()
   callback.relabel()
-  callback.relabel()  # the second is warm-started, as all but the first in a run
-  labelling_seconds = (time.perf_counter() - start) / 2
+  first_seconds = time.perf_counter() - start
+  # Interleaved rounds (this machine is shared: a slow spell then hits every kind alike), medians.
+  supervised_times, sela_times, labelling_times = [], [], []
+  for _ in range(f.rounds):
+    supervised_times.append(timed_fit(supervised, supervised_ds, block))
+    sela_times.append(timed_fit(model, train, block))
+    start = time.perf_counter()
+    callback.relabel()  # warm-started, as all but the first in a run
+    labelling_times.append(time.perf_counter() - start)
+  supervised_seconds = float(np.median(supervised_times)) * steps / block
+  sela_train_seconds = float(np.median(sela_times)) * steps / block
+  labelling_seconds = float(np.median(labelling_times))
   sela_seconds = sela_train_seconds + per_epoch * labelling_seconds
 
   pipe_start = time.perf_counter()
@@ -90,11 +114,14 @@ def main(argv):
   pipeline_rate = steps * batch / (time.perf_counter() - pipe_start)
   step_rate = steps * batch / sela_train_seconds
   print(f"Fashion-MNIST, {num_examples} examples, {f.architecture}, batch {batch}, heads {f.heads}, "
-        f"{'mixed_bfloat16' if f.mixed_precision else 'float32'}")
+        f"{'mixed_bfloat16' if f.mixed_precision else 'float32'}; medians of {f.rounds} interleaved "
+        f"rounds of {block} steps of each and one labelling")
+  print(f"  supervised s/block {' '.join(f'{t:.1f}' for t in supervised_times)}; SeLa s/block "
+        f"{' '.join(f'{t:.1f}' for t in sela_times)}; labelling s {' '.join(f'{t:.1f}' for t in labelling_times)}")
   print(f"supervised fit (1 head, ground truth): {supervised_seconds:.1f} s/epoch")
-  print(f"SeLa training steps: {sela_train_seconds:.1f} s/epoch; one self-labelling (label pass + "
-        f"Sinkhorn): {labelling_seconds:.1f} s, x{per_epoch:g} per epoch at nopts={f.nopts} over "
-        f"{f.epochs} epochs")
+  print(f"SeLa training steps: {sela_train_seconds:.1f} s/epoch; one self-labelling (label pass in "
+        f"{policy} + Sinkhorn): {labelling_seconds:.1f} s (the first of a run: {first_seconds:.1f} s), "
+        f"x{per_epoch:g} per epoch at nopts={f.nopts} over {f.epochs} epochs")
   print(f"SeLa epoch with labelling amortised: {sela_seconds:.1f} s = "
         f"{sela_seconds / supervised_seconds:.2f} x the supervised epoch (target <= 1.15)")
   print(f"train step: {step_rate:.0f} images/s; input pipeline alone: {pipeline_rate:.0f} images/s = "

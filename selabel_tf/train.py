@@ -83,7 +83,8 @@ class TrainConfig:
     labeller_balance: "argmax" (the paper: argmax of Q) or "exact" (every cluster gets floor(N/K) or
       ceil(N/K) examples; see `labeller.assign_labels`).
     labeller_cold_start_balance: the labeller's balance for the first labelling of a run, on the
-      untrained network (see `SelfLabelCallback`'s cold_start_balance): "sample" by default.
+      untrained network (see `SelfLabelCallback`'s cold_start_balance): "same" (the default) as
+      `labeller_balance`, or one of `labeller.BALANCE_MODES`.
     labeller_storage: dtype of the stored kernel P^lam, one of `labeller.STORAGE_DTYPES` ("float16":
       half the memory; the ImageNet configs use it).
     strategy: one of STRATEGIES.
@@ -119,7 +120,7 @@ class TrainConfig:
   labeller_tol: float = 0.1
   labeller_max_iters: int = 2000
   labeller_balance: str = "argmax"
-  labeller_cold_start_balance: str = "sample"
+  labeller_cold_start_balance: str = "same"
   labeller_storage: str = "float32"
   strategy: str = "auto"
   mixed_precision: bool = False
@@ -158,9 +159,9 @@ class TrainConfig:
          f"--labeller_storage={self.labeller_storage!r} must be one of {labeller.STORAGE_DTYPES}"),
         (self.labeller_balance in labeller.BALANCE_MODES,
          f"--labeller_balance={self.labeller_balance!r} must be one of {labeller.BALANCE_MODES}"),
-        (self.labeller_cold_start_balance in labeller.BALANCE_MODES,
+        (self.labeller_cold_start_balance in ("same",) + labeller.BALANCE_MODES,
          f"--labeller_cold_start_balance={self.labeller_cold_start_balance!r} must be one of "
-         f"{labeller.BALANCE_MODES}"),
+         f"{('same',) + labeller.BALANCE_MODES}"),
         (self.label_pass_precision in LABEL_PASS_PRECISIONS,
          f"--label_pass_precision={self.label_pass_precision!r} must be one of {LABEL_PASS_PRECISIONS}"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
@@ -331,7 +332,9 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
       labeller_options={"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
                         "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
                         "seed": config.seed},
-      cold_start_balance=config.labeller_cold_start_balance, label_model=label_model,
+      cold_start_balance=(None if config.labeller_cold_start_balance == "same"
+                          else config.labeller_cold_start_balance),
+      label_model=label_model,
       log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
   fit_callbacks = [
       keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),

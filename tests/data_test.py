@@ -248,6 +248,10 @@ def test_label_pass_is_deterministic_and_in_index_order(small):
   other_pass = next(iter(pipeline.label_pass_dataset(dataset, config, batch_size=300, seed=1,
                                                      pass_index=1)))
   assert not np.allclose(other_pass["image"].numpy(), first[0]["image"].numpy())
+  # tf.data's autotuning is off (see pipeline._without_autotune).
+  for ds in (pipeline.label_pass_dataset(dataset, config, batch_size=300, seed=1),
+             pipeline.train_dataset(dataset, config, batch_size=300, seed=1)):
+    assert ds.options().autotune.enabled is False
 
 
 def test_augmented_batches_shapes_and_ranges(small):
