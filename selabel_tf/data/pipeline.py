@@ -85,6 +85,18 @@ def _without_autotune(ds):
   return ds.with_options(options)
 
 
+def _keyed_shuffle(ds, seed):
+  """A buffered shuffle whose order depends on the int64 tensor `seed` alone; call it while tracing.
+
+  `Dataset.shuffle` pairs its seed with the global one, and when the global seed is 0 (as after
+  `keras.utils.set_random_seed(0)`, which `bin/train --seed=0` calls) it fails on a symbolic seed ("Using
+  a symbolic tf.Tensor as a Python bool"). A graph-level seed of our own, set in the traced epoch
+  function's graph only, avoids that and keeps the order independent of the global seed.
+  """
+  tf.random.set_seed(_TRAIN_STREAM)  # the graph being traced, not the program's global seed
+  return ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
+
+
 def train_dataset(dataset: Dataset,
                   config: augment.AugmentConfig,
                   *,
@@ -111,8 +123,7 @@ def train_dataset(dataset: Dataset,
   def one_epoch(epoch):
     key = _epoch_key(seed, _TRAIN_STREAM, epoch)
     if dataset.streamed:
-      ds = _shard(dataset.stream(), input_context).shuffle(SHUFFLE_BUFFER, seed=key[0],
-                                                           reshuffle_each_iteration=False)
+      ds = _keyed_shuffle(_shard(dataset.stream(), input_context), key[0])
       return _as_batches(_augment_streamed(ds, config, key), batch_size, drop_remainder=True)
     positions = _shard(tf.data.Dataset.range(num_examples), input_context)
     order = positions.map(lambda i: tf.random.experimental.index_shuffle(i, key, num_examples - 1),
