@@ -81,8 +81,7 @@ def main(argv):
   model.build()
   model.compile_for_self_labelling(keras.optimizers.SGD(0.03, momentum=0.9))
   policy = f.label_pass_precision
-  label_model = (None if policy in ("model", keras.mixed_precision.global_policy().name)
-                 else model.with_dtype_policy(policy))
+  label_model = model.label_pass_twin(policy)
   per_epoch = f.nopts / f.epochs
   label_pass = lambda p: pipeline.label_pass_dataset(dataset, config, batch_size=4 * batch, seed=0, pass_index=p)
   callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[], verbose=0,

@@ -279,10 +279,10 @@ def _run(solver, stages, log_alpha, tol, max_iters, log_every, name, balance, om
     log_alpha = np.log(used.numpy().astype(np.float64)) - solver.row_offset
     if done >= max_iters:
       break
-  logger.log(logging.INFO if error <= tol and lam == final_lam else logging.WARNING,
+  converged = error <= tol and lam == final_lam
+  logger.log(logging.INFO if converged else logging.WARNING,
              "Sinkhorn %s: %s after %d iterations (%d re-centrings, lambda %s), marginal error %.3g "
-             "(tol %g)", name, "converged" if error <= tol and lam == final_lam
-             else "stopped at max_iters", done, absorptions,
+             "(tol %g)", name, "converged" if converged else "stopped at max_iters", done, absorptions,
              " -> ".join(f"{l:g}" for l in stages), error, tol)
   if lam != final_lam:  # max_iters ran out in an annealing stage: finish on the kernel of lambda
     log_alpha = log_alpha * (final_lam / lam)

@@ -310,11 +310,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay)
     model.compile_for_self_labelling(optimizer)
-    label_policy = config.label_pass_precision
-    if label_policy in ("model", keras.mixed_precision.global_policy().name):
-      label_model = None
-    else:
-      label_model = model.with_dtype_policy(label_policy)
+    label_model = model.label_pass_twin(config.label_pass_precision)
 
   train_ds = pipeline.train_dataset(dataset, train_config, batch_size=config.batch_size,
                                     seed=config.seed, initial_epoch=initial_epoch)
@@ -339,10 +335,9 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
   fit_callbacks = [
       keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
       self_label,
+      *([_LabelsExport(model.label_state, os.path.join(config.run_dir, "labels.npz"))] if chief else []),
       keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
   ]
-  if chief:
-    fit_callbacks.insert(2, _LabelsExport(model.label_state, os.path.join(config.run_dir, "labels.npz")))
   start = time.perf_counter()
   history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                       callbacks=fit_callbacks, verbose=2)

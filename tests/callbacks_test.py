@@ -116,3 +116,12 @@ def test_label_model_with_other_weights_raises():
   with pytest.raises(ValueError, match="label_model 'other' does not have the weights of the trained "
                                        "model 'sela'"):
     callback.collect_log_probs()
+
+
+def test_label_pass_twin_only_for_another_policy():
+  model = _sela_model()  # float32
+  assert model.label_pass_twin("model") is None
+  assert model.label_pass_twin("float32") is None
+  twin = model.label_pass_twin("mixed_bfloat16")
+  assert twin.backbone.get_layer("conv2_conv").compute_dtype == "bfloat16"
+  assert [tuple(w.shape) for w in twin.weights] == [tuple(w.shape) for w in model.weights]

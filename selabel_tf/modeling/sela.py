@@ -150,6 +150,13 @@ class SelaModel(keras.Model):
       keras.mixed_precision.set_global_policy(previous)
     return twin
 
+  def label_pass_twin(self, dtype_policy: str):
+    """`with_dtype_policy(dtype_policy)`, or None where the label pass runs on this model itself:
+    for "model" and for this model's own policy."""
+    if dtype_policy in ("model", self.dtype_policy.name):
+      return None
+    return self.with_dtype_policy(dtype_policy)
+
   def get_config(self):
     return {"architecture": self.architecture, "image_shape": list(self.image_shape),
             "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,
