@@ -21,6 +21,7 @@ setuptools.setup(
         "psutil>=5.9",
         "tensorboard>=2.16",  # tf.summary and keras.callbacks.TensorBoard need it; tensorflow does not pull it in
         "scikit-learn>=1.4",  # NMI/ARI of the final labels
+        "faiss-cpu>=1.8",
         "pillow>=10",
     ],
     extras_require={

@@ -20,11 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from selabel_tf import labeller
+from selabel_tf import inference
+from selabel_tf import labeller as sinkhorn_labeller
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.modeling.sela import SelfLabelState
 
 logger = logging.getLogger(__name__)
+
+LABELLERS = ("sinkhorn", "kmeans")
 
 
 def with_self_labels(dataset: tf.data.Dataset, state: SelfLabelState) -> tf.data.Dataset:
@@ -50,8 +53,12 @@ class SelfLabelCallback(keras.callbacks.Callback):
       `callback.state`), else `model.label_state` (SelaModel).
     num_clusters: K per head, for a model of your own (no `label_state`).
     num_passes: label passes averaged (P = E_t[log softmax]).
+    labeller: "sinkhorn" (the paper: Sinkhorn-Knopp on the heads' log-probabilities, `lam`) or
+      "kmeans" (the paper's Table 8 baseline: K-means per head on the model's "features" vector,
+      DeepCluster-style, see `selabel_tf.kmeans`; the model must have a `features(images)` method
+      returning a dict with "features", as `SelaModel` does; `lam` is not used).
     labeller_options: keyword arguments for `labeller.assign_labels` (tol, max_iters, balance, seed,
-      storage_dtype, ...).
+      storage_dtype, ...), or for `kmeans.assign_labels_kmeans` (pca_dim, num_iterations, seed).
     cold_start_balance: the labeller's `balance` for a labelling without a warm start (the first of a
       run, on the untrained network); None (the default) keeps `labeller_options`' balance. An
       untrained network's Q is nearly flat and its argmax collapses (on Fashion-MNIST at step 0 the
@@ -75,6 +82,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
                state: Optional[SelfLabelState] = None,
                num_clusters: Optional[Sequence[int]] = None,
                num_passes: int = 1,
+               labeller: str = "sinkhorn",
                labeller_options: Optional[dict] = None,
                cold_start_balance: Optional[str] = None,
                label_model: Optional[keras.Model] = None,
@@ -92,10 +100,13 @@ class SelfLabelCallback(keras.callbacks.Callback):
       state = SelfLabelState(self.num_examples, self.num_clusters, name="label_state")
     self.state = state
     self.num_passes = num_passes
+    if labeller not in LABELLERS:
+      raise ValueError(f"SelfLabelCallback: labeller must be one of {LABELLERS}, got {labeller!r}")
+    self.labeller = labeller
     self.labeller_options = dict(labeller_options or {})
-    if cold_start_balance is not None and cold_start_balance not in labeller.BALANCE_MODES:
+    if cold_start_balance is not None and cold_start_balance not in sinkhorn_labeller.BALANCE_MODES:
       raise ValueError(f"SelfLabelCallback: cold_start_balance must be None or one of "
-                       f"{labeller.BALANCE_MODES}, got {cold_start_balance!r}")
+                       f"{sinkhorn_labeller.BALANCE_MODES}, got {cold_start_balance!r}")
     self.cold_start_balance = cold_start_balance
     self.label_model = label_model
     self.verbose = verbose
@@ -115,13 +126,16 @@ class SelfLabelCallback(keras.callbacks.Callback):
       self.state = getattr(model, "label_state", None)
     if self.state is None:
       raise ValueError("SelfLabelCallback: the model has no label_state; pass num_clusters=(K_0, ...)")
+    if self.labeller == "kmeans" and not callable(getattr(self.label_model or model, "features", None)):
+      raise ValueError("SelfLabelCallback: labeller='kmeans' needs a model with a features(images) method "
+                       "returning {'features': [B, D], ...} (e.g. SelaModel)")
     if self.state.num_examples != self.num_examples:
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
 
-  def _label_step(self):
-    """A tf.function running the model on one distributed batch of the label pass, on every replica:
-    per replica (index, [log softmax of each head, float32]), in inference mode.
+  def _label_pass(self) -> inference.IndexedPass:
+    """The pass over the label-pass data on every replica, in inference mode: per example each head's
+    log softmax (float32), or, for the K-means labeller, the model's "features" vector.
 
     (Keras' predict_on_batch is not used: under a MirroredStrategy it gives every replica the whole
     batch and returns the outputs of all of them.) The forward runs in the dtype policy of the model
@@ -129,17 +143,22 @@ class SelfLabelCallback(keras.callbacks.Callback):
     speed; the log softmax is taken in float32.
     """
     model = self.label_model or self.model
-    if getattr(self, "_label_step_fn", None) is None or self._label_step_model is not model:
-      strategy = self.model.distribute_strategy
+    if getattr(self, "_pass", None) is None or self._pass_model is not model:
+      if self.labeller == "kmeans":
 
-      def replica_step(batch):
-        logits = model(batch["image"], training=False)
-        logits = logits if isinstance(logits, (list, tuple)) else [logits]
-        return batch["index"], [tf.nn.log_softmax(tf.cast(head, tf.float32)) for head in logits]
+        def replica_step(batch):
+          return batch["index"], tf.cast(model.features(batch["image"], training=False)["features"],
+                                         tf.float32)
+      else:
 
-      self._label_step_model = model
-      self._label_step_fn = tf.function(lambda batch: strategy.run(replica_step, args=(batch,)))
-    return self._label_step_fn
+        def replica_step(batch):
+          logits = model(batch["image"], training=False)
+          logits = logits if isinstance(logits, (list, tuple)) else [logits]
+          return batch["index"], [tf.nn.log_softmax(tf.cast(head, tf.float32)) for head in logits]
+
+      self._pass_model = model
+      self._pass = inference.IndexedPass(self.model.distribute_strategy, replica_step)
+    return self._pass
 
   def _due(self) -> bool:
     done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
@@ -155,64 +174,30 @@ class SelfLabelCallback(keras.callbacks.Callback):
     if logs is not None:
       logs.update(self.last_metrics)
 
-  def collect_log_probs(self) -> list:
-    """One pass (or the average of `num_passes`) of log softmax per head: T arrays [N, K_t] float32.
+  def collect_log_probs(self):
+    """One pass (or the average of `num_passes`) over the label-pass data, by example index: T arrays
+    [N, K_t] float32 of log softmax per head (Sinkhorn-Knopp), or the "features" float32 [N, D]
+    (K-means).
 
     The pass is spread over the model's replicas (each runs its share of every global batch); the
-    results of all replicas, of all workers, are gathered (`strategy.gather`) and stored by example
-    index, so every worker holds all of them and computes the same labels.
+    results of all replicas, of all workers, are gathered and stored by example index, so every worker
+    holds all of them and computes the same labels.
     """
-    strategy = self.model.distribute_strategy
     if self.label_model is not None:
       self._copy_weights_to_label_model()
-    step_fn = self._label_step()
+    label_pass = self._label_pass()
     total = None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
-      start = time.perf_counter()
-      seen = np.zeros(self.num_examples, np.int64)
-      log_probs = None
-      progress = keras.utils.Progbar(None, unit_name="batch") if self.verbose else None
-      for step, batch in enumerate(strategy.experimental_distribute_dataset(ds)):
-        index, heads = self._gather(strategy, step_fn(batch))
-        if index.size:
-          if index.min() < 0 or index.max() >= self.num_examples:
-            raise ValueError(f"SelfLabelCallback: the label pass yielded index {index.min()}..."
-                             f"{index.max()}, outside [0, {self.num_examples})")
-          if log_probs is None:
-            log_probs = [np.zeros((self.num_examples, h.shape[-1]), np.float32) for h in heads]
-          for t, head in enumerate(heads):
-            log_probs[t][index] = head
-          np.add.at(seen, index, 1)
-        if progress is not None:
-          progress.update(step + 1)
-      if log_probs is None or not np.all(seen == 1):
-        missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
-        raise ValueError(f"SelfLabelCallback: the label pass must yield every index in "
-                         f"[0, {self.num_examples}) once; {missing} missing, {repeated} repeated")
+      outputs = label_pass(ds, self.num_examples, verbose=self.verbose,
+                           description=f"SelfLabelCallback: label pass {pass_index + 1}/{self.num_passes}")
       if total is None:
-        total = log_probs
+        total = outputs
       else:
-        for t, head in enumerate(log_probs):
-          total[t] += head
-      logger.info("label pass %d/%d: %d examples in %.1f s on %d replica(s)", pass_index + 1,
-                  self.num_passes, self.num_examples, time.perf_counter() - start,
-                  strategy.num_replicas_in_sync)
+        total = tf.nest.map_structure(np.add, total, outputs)
     if self.num_passes > 1:
-      for head in total:
-        head /= self.num_passes
+      total = tf.nest.map_structure(lambda value: value / np.float32(self.num_passes), total)
     return total
-
-  @staticmethod
-  def _gather(strategy, per_replica):
-    """(index, heads) of every replica, on every worker: numpy [B] and T arrays [B, K_t]."""
-    if strategy.num_replicas_in_sync == 1:
-      index, heads = strategy.experimental_local_results(per_replica)[0]
-    else:
-      # An all-gather: with several workers, local results would hold only this worker's share. Leaf
-      # by leaf: strategy.gather of the (index, heads) structure returns the first replica's alone.
-      index, heads = tf.nest.map_structure(lambda value: strategy.gather(value, axis=0), per_replica)
-    return np.asarray(index), [np.asarray(head) for head in heads]
 
   def _copy_weights_to_label_model(self):
     source, target = self.model.weights, self.label_model.weights
@@ -227,41 +212,51 @@ class SelfLabelCallback(keras.callbacks.Callback):
   def relabel(self):
     """Runs the label pass and the labeller now, and stores the new labels."""
     start = time.perf_counter()
-    log_probs = self.collect_log_probs()
+    pass_outputs = self.collect_log_probs()  # log-probs per head, or for K-means the features
     pass_seconds = time.perf_counter() - start
     previous = self.state.current_labels()
-    warm_start = self.state.warm_start()
-    options = dict(self.labeller_options)
-    if warm_start is None and self.cold_start_balance is not None:
-      options["balance"] = self.cold_start_balance
-    result = labeller.assign_labels(log_probs, self.lam, warm_start=warm_start, **options)
-    self.state.assign(result.labels, result.log_row_scale)
+    if self.labeller == "kmeans":
+      from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
+      result = kmeans.assign_labels_kmeans(pass_outputs, self.state.num_clusters, **self.labeller_options)
+      labels, log_alpha = result.labels, [np.zeros(k) for k in self.state.num_clusters]
+      solver_metrics = {"selabel_kmeans_inertia": float(np.mean(result.inertia))}
+      solver_log = f"K-means inertia {np.round(result.inertia, 4).tolist()}"
+    else:
+      warm_start = self.state.warm_start()
+      options = dict(self.labeller_options)
+      if warm_start is None and self.cold_start_balance is not None:
+        options["balance"] = self.cold_start_balance
+      result = sinkhorn_labeller.assign_labels(pass_outputs, self.lam, warm_start=warm_start, **options)
+      labels, log_alpha = result.labels, result.log_row_scale
+      solver_metrics = {"selabel_iterations": float(np.mean(result.iterations)),
+                        "selabel_marginal_error": float(np.max(result.marginal_error))}
+      solver_log = (f"Sinkhorn iterations {result.iterations.tolist()}, marginal error "
+                    f"{solver_metrics['selabel_marginal_error']:.3g}")
+    self.state.assign(labels, log_alpha)
     seconds = time.perf_counter() - start
-    sizes = [np.bincount(result.labels[t], minlength=k) for t, k in enumerate(self.state.num_clusters)]
+    sizes = [np.bincount(labels[t], minlength=k) for t, k in enumerate(self.state.num_clusters)]
     metrics = {
-        "selabel_iterations": float(np.mean(result.iterations)),
+        **solver_metrics,
         "selabel_seconds": seconds,
         "selabel_pass_seconds": pass_seconds,
-        "selabel_marginal_error": float(np.max(result.marginal_error)),
-        "selabel_changed": float(np.mean(result.labels != previous)),
+        "selabel_changed": float(np.mean(labels != previous)),
         "selabel_smallest_cluster": float(min(s.min() for s in sizes)),
         "selabel_largest_cluster": float(max(s.max() for s in sizes)),
     }
     self.last_metrics = metrics
     step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
     logger.info(
-        "self-labelling %d at step %d: %.1f s (pass %.1f s), Sinkhorn iterations %s, marginal error "
-        "%.3g, labels changed per head %s, cluster sizes %d..%d",
-        int(keras.ops.convert_to_numpy(self.state.num_labellings)), step, seconds, pass_seconds,
-        result.iterations.tolist(), metrics["selabel_marginal_error"],
-        np.round(np.mean(result.labels != previous, axis=1), 4).tolist(),
+        "self-labelling %d (%s) at step %d: %.1f s (pass %.1f s), %s, labels changed per head %s, "
+        "cluster sizes %d..%d",
+        int(keras.ops.convert_to_numpy(self.state.num_labellings)), self.labeller, step, seconds,
+        pass_seconds, solver_log, np.round(np.mean(labels != previous, axis=1), 4).tolist(),
         metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"])
     if self._writer is not None:
       with self._writer.as_default():
         for name, value in metrics.items():
           tf.summary.scalar(name, value, step=step)
-        for t in range(result.labels.shape[0]):
-          tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(result.labels[t] != previous[t])),
+        for t in range(labels.shape[0]):
+          tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(labels[t] != previous[t])),
                             step=step)
         self._writer.flush()
     return result

@@ -19,25 +19,28 @@ import math
 import os
 import tempfile
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
-from selabel_tf import labeller
+from selabel_tf import labeller as labeller_lib
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
 from selabel_tf.data import pipeline
 from selabel_tf.data import sources
+from selabel_tf.evaluation import callbacks as eval_callbacks
+from selabel_tf.evaluation import probes as probes_lib
+from selabel_tf.evaluation import suite
+from selabel_tf.modeling import backbones
 from selabel_tf.modeling import heads as heads_lib
 from selabel_tf.modeling.sela import SelaModel
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-ARCHITECTURES = ("alexnet_small", "alexnet", "resnet18", "resnet50")
 LABEL_PASS_PRECISIONS = ("model", "float32", "mixed_bfloat16", "mixed_float16")
 
 
@@ -45,95 +48,107 @@ class ConfigError(ValueError):
   """A configuration value that is not allowed; the message names the flag, the value and the rule."""
 
 
+def option(default, help_text: str, *, choices: Optional[Sequence[str]] = None, group: str):
+  """A `TrainConfig` field with what its flag needs: help, allowed values, the help group."""
+  metadata = {"help": help_text, "choices": tuple(choices) if choices else None, "group": group}
+  if isinstance(default, tuple):
+    return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+_DATA, _MODEL, _OPTIMISATION, _LABELLING, _EVALUATION, _RUNTIME = (
+    "data", "model", "optimisation", "self-labelling", "evaluation", "runtime")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything a SeLa run depends on.
-
-  Attributes:
-    dataset: tfds name, IDX directory, image folder or .npz (see `sources.load`).
-    run_dir: where the run writes (see the module docstring).
-    data_dir: tfds data dir.
-    split: the split trained on.
-    download: let tfds download the dataset.
-    image_size: model input side (default: the dataset's own).
-    imbalance: "none", "light" or "heavy" (paper Table 8).
-    architecture: one of ARCHITECTURES.
-    heads: heads spec, "KxT" or "K1,K2,..." (e.g. "128x10").
-    lam: lambda of the labeller.
-    epochs: training epochs.
-    batch_size: global batch size (split over the replicas).
-    nopts: self-labelling steps over the training (paper's #opts), including the start.
-    labelling_spacing: "linear" or "quadratic" (denser early, as the official ImageNet runs).
-    learning_rate: initial SGD learning rate.
-    momentum: SGD momentum.
-    weight_decay: decoupled weight decay of Keras' SGD.
-    lr_drops: epochs at which the learning rate is multiplied by `lr_drop_factor`.
-    lr_drop_factor: the factor of each drop.
-    augmentation: "none", "weak" or "paper".
-    label_augmentation: label on augmented images (the paper) or not.
-    label_passes: label passes averaged per labelling.
-    label_batch_size: global batch of the label pass (inference only, so it can be larger than the
-      training batch; larger batches run faster); 0: 4 x batch_size.
-    label_pass_precision: the dtype policy of the label pass, one of LABEL_PASS_PRECISIONS; "model":
-      the training policy. "mixed_bfloat16" runs the pass 1.5x faster on a CPU with AVX512_BF16 (and
-      on TPUs and recent GPUs) while training in float32, on a twin of the model
-      (`SelaModel.with_dtype_policy`) that gets the weights before each pass.
-    labeller_tol: the labeller's tolerance.
-    labeller_max_iters: the labeller's iteration cap.
-    labeller_balance: "argmax" (the paper: argmax of Q) or "exact" (every cluster gets floor(N/K) or
-      ceil(N/K) examples; see `labeller.assign_labels`).
-    labeller_cold_start_balance: the labeller's balance for the first labelling of a run, on the
-      untrained network (see `SelfLabelCallback`'s cold_start_balance): "same" (the default) as
-      `labeller_balance`, or one of `labeller.BALANCE_MODES`.
-    labeller_storage: dtype of the stored kernel P^lam, one of `labeller.STORAGE_DTYPES` ("float16":
-      half the memory; the ImageNet configs use it).
-    strategy: one of STRATEGIES.
-    mixed_precision: train in mixed_bfloat16 (CPU/TPU) or mixed_float16 (GPU).
-    seed: seed of everything random.
-    deterministic: enable TF op determinism (bit-identical reruns and resumes).
-    overwrite: reuse a run_dir written by a different configuration.
-  """
-  dataset: str = "fashion_mnist"
-  run_dir: str = "runs/fashion_mnist"
-  data_dir: Optional[str] = None
-  split: str = "train"
-  download: bool = False
-  image_size: Optional[int] = None
-  imbalance: str = "none"
-  architecture: str = "alexnet_small"
-  heads: str = "10x2"
-  lam: float = 10.0
-  epochs: int = 4
-  batch_size: int = 256
-  nopts: int = 4
-  labelling_spacing: str = "linear"
-  learning_rate: float = 0.03
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  lr_drops: Tuple[int, ...] = ()
-  lr_drop_factor: float = 0.1
-  augmentation: str = "paper"
-  label_augmentation: bool = True
-  label_passes: int = 1
-  label_batch_size: int = 0
-  label_pass_precision: str = "model"
-  labeller_tol: float = 0.1
-  labeller_max_iters: int = 2000
-  labeller_balance: str = "argmax"
-  labeller_cold_start_balance: str = "same"
-  labeller_storage: str = "float32"
-  strategy: str = "auto"
-  mixed_precision: bool = False
-  seed: int = 0
-  deterministic: bool = False
-  overwrite: bool = False
+  """Everything a SeLa run depends on: one field per `bin/train` flag (help, allowed values and group in
+  each field's metadata, from which `selabel_tf.cli` defines the flags)."""
+  dataset: str = option("fashion_mnist", "tfds name, IDX directory, image folder or .npz.", group=_DATA)
+  run_dir: str = option("runs/fashion_mnist", "Directory the run writes to.", group=_RUNTIME)
+  data_dir: Optional[str] = option(None, "tfds data dir.", group=_DATA)
+  split: str = option("train", "Split to train on.", group=_DATA)
+  download: bool = option(False, "Let tfds download the dataset (needs internet).", group=_DATA)
+  image_size: Optional[int] = option(None, "Model input side (default: the dataset's).", group=_DATA)
+  imbalance: str = option("none", "Imbalanced train subset (paper Table 8).",
+                          choices=sources.IMBALANCE_MODES, group=_DATA)
+  architecture: str = option("alexnet_small", "Backbone.", choices=backbones.BACKBONES, group=_MODEL)
+  heads: str = option("10x2", "Heads: KxT (e.g. 128x10) or K1,K2,... (e.g. 128,256).", group=_MODEL)
+  lam: float = option(10.0, "Lambda of the Sinkhorn-Knopp labeller (> 0).", group=_LABELLING)
+  epochs: int = option(4, "Training epochs.", group=_OPTIMISATION)
+  batch_size: int = option(256, "Global batch size.", group=_OPTIMISATION)
+  nopts: int = option(4, "Self-labelling steps over the training (#opts), including the start.",
+                      group=_LABELLING)
+  labelling_spacing: str = option("linear", "Spacing of the labellings (quadratic: denser early).",
+                                  choices=schedule_lib.SPACINGS, group=_LABELLING)
+  learning_rate: float = option(0.03, "Initial SGD learning rate.", group=_OPTIMISATION)
+  momentum: float = option(0.9, "SGD momentum.", group=_OPTIMISATION)
+  weight_decay: float = option(5e-4, "Decoupled weight decay of Keras' SGD.", group=_OPTIMISATION)
+  lr_drops: Tuple[int, ...] = option((), "Epochs at which the learning rate drops.", group=_OPTIMISATION)
+  lr_drop_factor: float = option(0.1, "Factor of each learning-rate drop.", group=_OPTIMISATION)
+  augmentation: str = option("paper", "Training augmentation strength.", choices=augment.STRENGTHS,
+                             group=_DATA)
+  label_augmentation: bool = option(True, "Label on augmented images (the paper) or not.",
+                                    group=_LABELLING)
+  label_passes: int = option(1, "Label passes averaged per labelling.", group=_LABELLING)
+  label_batch_size: int = option(0, "Global batch of the label pass (inference only; 0: 4 x --batch_size).",
+                                 group=_LABELLING)
+  label_pass_precision: str = option(
+      "model", "Dtype policy of the label pass: model (the training one), or a twin of the model in "
+      "float32/mixed_bfloat16/mixed_float16 with the weights copied in before each pass.",
+      choices=LABEL_PASS_PRECISIONS, group=_LABELLING)
+  labeller: str = option("sinkhorn", "sinkhorn (the paper) or kmeans (Table 8's baseline: K-means per "
+                         "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
+                         group=_LABELLING)
+  labeller_tol: float = option(labeller_lib.DEFAULT_TOL, "Sinkhorn tolerance (max cluster-size error).",
+                               group=_LABELLING)
+  labeller_max_iters: int = option(labeller_lib.DEFAULT_MAX_ITERS, "Sinkhorn iteration cap.",
+                                   group=_LABELLING)
+  labeller_balance: str = option("argmax", "argmax of Q (the paper), exact (sizes floor(N/K) or "
+                                 "ceil(N/K)) or sample (labels drawn from Q).",
+                                 choices=labeller_lib.BALANCE_MODES, group=_LABELLING)
+  labeller_cold_start_balance: str = option(
+      "same", "Balance of the first labelling (untrained network): same (as --labeller_balance) or "
+      "one of the balance modes.", choices=("same",) + labeller_lib.BALANCE_MODES, group=_LABELLING)
+  labeller_storage: str = option("float32", "Dtype of the stored kernel P^lam (float16: half the memory).",
+                                 choices=labeller_lib.STORAGE_DTYPES, group=_LABELLING)
+  evaluate: bool = option(True, "Evaluate at the end of training: kNN, linear probes, cluster metrics "
+                          "(needs a labelled --eval_split).", group=_EVALUATION)
+  eval_every_epochs: int = option(0, "Also evaluate every this many epochs (0: only at the end).",
+                                  group=_EVALUATION)
+  eval_split: str = option("test", "The labelled split the evaluation tests on.", group=_EVALUATION)
+  eval_batch_size: int = option(0, "Global batch of the evaluation passes (0: the label pass's).",
+                                group=_EVALUATION)
+  knn_k: Tuple[int, ...] = option((10, 50, 200), "Numbers of neighbours of the weighted kNN.",
+                                  group=_EVALUATION)
+  knn_layer: str = option("features", "The activation the kNN reads (features or a probe layer).",
+                          group=_EVALUATION)
+  probe_layers: Tuple[str, ...] = option((), "Probed activations (empty: every probe layer and features).",
+                                         group=_EVALUATION)
+  probe_mode: str = option("cached", "cached (one pass, epochs over stored activations) or streamed "
+                           "(augmented, through a frozen copy: for data too large to store).",
+                           choices=eval_callbacks.LinearProbeCallback.MODES, group=_EVALUATION)
+  probe_epochs: int = option(10, "Epochs of the linear probes (official: 36).", group=_EVALUATION)
+  probe_batch_size: int = option(192, "Global batch of the linear probes (official: 192).",
+                                 group=_EVALUATION)
+  probe_learning_rate: float = option(0.01, "Initial learning rate of the linear probes (official: 0.01).",
+                                      group=_EVALUATION)
+  strategy: str = option("auto", "tf.distribute strategy (auto: mirrored over >1 GPU, else default).",
+                         choices=STRATEGIES, group=_RUNTIME)
+  mixed_precision: bool = option(False, "Train in mixed_bfloat16 (CPU/TPU) or mixed_float16 (GPU).",
+                                 group=_RUNTIME)
+  seed: int = option(0, "Seed of everything random.", group=_RUNTIME)
+  deterministic: bool = option(False, "TF op determinism (bit-identical reruns and resumes).",
+                               group=_RUNTIME)
+  overwrite: bool = option(False, "Reuse a run_dir written by a different configuration.", group=_RUNTIME)
 
   def validate(self):
     """Checks what can be checked before loading anything; raises ConfigError naming the flag."""
-    if self.architecture not in ARCHITECTURES:
-      raise ConfigError(f"--architecture={self.architecture!r} is unknown; allowed: {', '.join(ARCHITECTURES)}")
-    if self.strategy not in STRATEGIES:
-      raise ConfigError(f"--strategy={self.strategy!r} is unknown; allowed: {', '.join(STRATEGIES)}")
+    for field in dataclasses.fields(self):
+      choices = field.metadata.get("choices")
+      value = getattr(self, field.name)
+      if choices and value not in choices:
+        raise ConfigError(f"--{field.name}={value!r} must be one of {', '.join(choices)}")
     try:
       heads_lib.parse_heads(self.heads)
     except ValueError as e:
@@ -143,28 +158,21 @@ class TrainConfig:
         (self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
         (self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1"),
         (self.nopts >= 1, f"--nopts={self.nopts} must be >= 1"),
-        (self.labelling_spacing in schedule_lib.SPACINGS,
-         f"--labelling_spacing={self.labelling_spacing!r} must be one of {schedule_lib.SPACINGS}"),
         (self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0"),
-        (self.augmentation in augment.STRENGTHS,
-         f"--augmentation={self.augmentation!r} must be one of {augment.STRENGTHS}"),
-        (self.imbalance in sources.IMBALANCE_MODES,
-         f"--imbalance={self.imbalance!r} must be one of {sources.IMBALANCE_MODES}"),
         (self.label_passes >= 1, f"--label_passes={self.label_passes} must be >= 1"),
         (self.label_batch_size >= 0, f"--label_batch_size={self.label_batch_size} must be >= 0 "
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
-        (self.labeller_storage in labeller.STORAGE_DTYPES,
-         f"--labeller_storage={self.labeller_storage!r} must be one of {labeller.STORAGE_DTYPES}"),
-        (self.labeller_balance in labeller.BALANCE_MODES,
-         f"--labeller_balance={self.labeller_balance!r} must be one of {labeller.BALANCE_MODES}"),
-        (self.labeller_cold_start_balance in ("same",) + labeller.BALANCE_MODES,
-         f"--labeller_cold_start_balance={self.labeller_cold_start_balance!r} must be one of "
-         f"{('same',) + labeller.BALANCE_MODES}"),
-        (self.label_pass_precision in LABEL_PASS_PRECISIONS,
-         f"--label_pass_precision={self.label_pass_precision!r} must be one of {LABEL_PASS_PRECISIONS}"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
+        (self.eval_every_epochs >= 0, f"--eval_every_epochs={self.eval_every_epochs} must be >= 0 "
+         f"(0: only at the end)"),
+        (self.eval_batch_size >= 0, f"--eval_batch_size={self.eval_batch_size} must be >= 0"),
+        (len(self.knn_k) >= 1 and all(k >= 1 for k in self.knn_k),
+         f"--knn_k={','.join(map(str, self.knn_k))} must be a non-empty list of ints >= 1"),
+        (self.probe_epochs >= 1, f"--probe_epochs={self.probe_epochs} must be >= 1"),
+        (self.probe_batch_size >= 1, f"--probe_batch_size={self.probe_batch_size} must be >= 1"),
+        (self.probe_learning_rate > 0, f"--probe_learning_rate={self.probe_learning_rate} must be > 0"),
     ]
     for ok, message in checks:
       if not ok:
@@ -252,15 +260,54 @@ def _learning_rate(config, steps_per_epoch):
   return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+  """The data of a run: the indexed train split (no labels), its pipelines and the evaluation splits."""
+  dataset: sources.Dataset
+  truth: Optional[sources.GroundTruth]  # for the final metrics only; training never reads it
+  image_size: int
+  train: tf.data.Dataset
+  label_pass: object  # pass_index -> tf.data.Dataset
+  label_batch_size: int
+  steps_per_epoch: int
+  initial_epoch: int
+  evaluation: Optional[eval_callbacks.EvaluationData]
+
+
 def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
         flagfile: Optional[str] = None) -> dict:
-  """Trains SeLa as configured; returns (and writes) the final metrics.
+  """Trains SeLa as configured, evaluates it; returns (and writes) the final metrics.
+
+  The process is left as it was found: the global dtype policy is restored (op determinism, once
+  enabled, cannot be turned off in TensorFlow).
 
   Raises:
     ConfigError: a configuration value that is not allowed (the message names the flag).
   """
   config.validate()
-  num_clusters = heads_lib.parse_heads(config.heads)
+  previous_policy = keras.mixed_precision.global_policy()
+  try:
+    strategy = build_strategy(config, strategy)
+    inputs = build_inputs(config, strategy)
+    chief = strategy.extended.should_checkpoint
+    if chief:
+      prepare_run_dir(config)
+      if flagfile is not None:
+        write_atomically(os.path.join(config.run_dir, "flags.txt"), lambda tmp: open(tmp, "w").write(flagfile))
+    model, label_model = build_model(config, inputs, strategy)
+    self_label, evaluation, fit_callbacks = build_callbacks(config, inputs, model, label_model, chief)
+    history, seconds = fit(config, inputs, model, fit_callbacks)
+    metrics = collect_metrics(config, inputs, model, history, seconds, self_label, evaluation)
+    if chief:
+      write_outputs(config, model, metrics)
+    logger.info("run finished: %s", json.dumps(metrics))
+    return metrics
+  finally:
+    keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def build_strategy(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None):
+  """Seeds (and op determinism), the strategy (given, or from --strategy), its batch check."""
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
@@ -269,7 +316,12 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
   if config.batch_size % replicas:
     raise ConfigError(f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas of "
                       f"--strategy={config.strategy}; use a multiple of {replicas}")
+  return strategy
 
+
+def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunInputs:
+  """Loads the dataset and makes the training and label-pass pipelines (and the evaluation splits)."""
+  num_clusters = heads_lib.parse_heads(config.heads)
   try:
     dataset, truth = sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
                                   download=config.download, image_size=config.image_size,
@@ -283,37 +335,14 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
                         f"N={num_examples} examples of --dataset={config.dataset}; need K < N")
   if config.batch_size > num_examples:
     raise ConfigError(f"--batch_size={config.batch_size} exceeds the N={num_examples} examples")
-  # Under MultiWorkerMirroredStrategy every worker trains; only the chief writes the run directory
-  # (BackupAndRestore keeps the other workers' backups apart itself).
-  chief = strategy.extended.should_checkpoint
-  if chief:
-    prepare_run_dir(config)
-  if flagfile is not None and chief:
-    write_atomically(os.path.join(config.run_dir, "flags.txt"), lambda tmp: open(tmp, "w").write(flagfile))
-
   image_size = config.image_size or int(dataset.images.shape[1])
   train_config = dataset.augment_config(image_size, config.augmentation)
   label_config = dataset.augment_config(image_size, config.augmentation if config.label_augmentation
                                         else "none")
-  steps_per_epoch = num_examples // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
-  backup_dir = os.path.join(config.run_dir, "backup")
-  initial_epoch = _resume_epoch(backup_dir)
-
-  if config.mixed_precision:
-    gpus = tf.config.list_logical_devices("GPU")
-    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
-  with strategy.scope():
-    model = SelaModel(config.architecture, (image_size, image_size, dataset.channels), num_clusters,
-                      num_examples, name="sela")
-    model.build()
-    optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
-                                     momentum=config.momentum, weight_decay=config.weight_decay)
-    model.compile_for_self_labelling(optimizer)
-    label_model = model.label_pass_twin(config.label_pass_precision)
-
+  initial_epoch = _resume_epoch(os.path.join(config.run_dir, "backup"))
   train_ds = pipeline.train_dataset(dataset, train_config, batch_size=config.batch_size,
                                     seed=config.seed, initial_epoch=initial_epoch)
+  replicas = strategy.num_replicas_in_sync
   label_batch = config.label_batch_size or 4 * config.batch_size
   label_batch += -label_batch % replicas  # every replica gets an equal share of a full batch
 
@@ -321,41 +350,118 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
     return pipeline.label_pass_dataset(dataset, label_config, batch_size=label_batch, seed=config.seed,
                                        pass_index=pass_index)
 
+  return RunInputs(dataset, truth, image_size, train_ds, label_pass, label_batch,
+                   num_examples // config.batch_size, initial_epoch,
+                   build_evaluation_data(config, image_size) if config.evaluate else None)
+
+
+def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
+                          ) -> eval_callbacks.EvaluationData:
+  """The labelled train split (as trained on) and --eval_split, for the evaluation suite.
+
+  Raises:
+    ConfigError: the dataset cannot be loaded, or a split has no class labels.
+  """
+  label_batch = config.label_batch_size or 4 * config.batch_size
+  try:
+    return suite.load_data(config.dataset, image_size=image_size or config.image_size,
+                           batch_size=config.eval_batch_size or label_batch, train_split=config.split,
+                           test_split=config.eval_split, data_dir=config.data_dir,
+                           imbalance=config.imbalance, seed=config.seed)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"--evaluate: {e}; pass --noevaluate, or a labelled --eval_split") from None
+
+
+def evaluation_options(config: TrainConfig) -> suite.EvaluationOptions:
+  """The evaluation suite's options from the config's evaluation flags."""
+  return suite.EvaluationOptions(
+      knn_ks=tuple(config.knn_k), knn_layer=config.knn_layer, probe_layers=tuple(config.probe_layers),
+      probe_mode=config.probe_mode,
+      probe=probes_lib.ProbeOptions(epochs=config.probe_epochs, batch_size=config.probe_batch_size,
+                                    learning_rate=config.probe_learning_rate, seed=config.seed))
+
+
+def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.Strategy):
+  """The SelaModel, compiled, and the label pass's twin (None: the pass runs on the model itself).
+
+  Sets the global dtype policy for --mixed_precision (`run` restores it)."""
+  if config.mixed_precision:
+    gpus = tf.config.list_logical_devices("GPU")
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
+  num_clusters = heads_lib.parse_heads(config.heads)
+  with strategy.scope():
+    model = SelaModel(config.architecture, (inputs.image_size, inputs.image_size, inputs.dataset.channels),
+                      num_clusters, inputs.dataset.num_examples, name="sela")
+    model.build()
+    optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, inputs.steps_per_epoch),
+                                     momentum=config.momentum, weight_decay=config.weight_decay)
+    model.compile_for_self_labelling(optimizer)
+    label_model = model.label_pass_twin(config.label_pass_precision)
+  return model, label_model
+
+
+def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, label_model, chief: bool):
+  """(the SelfLabelCallback, the evaluation callbacks, every callback of `fit` in order)."""
   tensorboard_dir = os.path.join(config.run_dir, "tensorboard")
+  labeller_options = ({"seed": config.seed} if config.labeller == "kmeans" else
+                      {"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
+                       "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
+                       "seed": config.seed})
   self_label = callbacks_lib.SelfLabelCallback.with_schedule(
-      label_pass, num_examples, config.lam, total_steps=total_steps, num_labellings=config.nopts,
-      spacing=config.labelling_spacing, num_passes=config.label_passes,
-      labeller_options={"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
-                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
-                        "seed": config.seed},
+      inputs.label_pass, inputs.dataset.num_examples, config.lam,
+      total_steps=inputs.steps_per_epoch * config.epochs, num_labellings=config.nopts,
+      spacing=config.labelling_spacing, num_passes=config.label_passes, labeller=config.labeller,
+      labeller_options=labeller_options,
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
-      label_model=label_model,
-      log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
+      label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
+  evaluation = []
+  if inputs.evaluation is not None:
+    evaluation = suite.build_callbacks(inputs.evaluation, evaluation_options(config),
+                                       every_epochs=config.eval_every_epochs or None, at_end=True,
+                                       log_dir=os.path.join(tensorboard_dir, "evaluation"))
   fit_callbacks = [
-      keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
+      keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"), save_freq="epoch",
+                                       double_checkpoint=True),
       self_label,
       *([_LabelsExport(model.label_state, os.path.join(config.run_dir, "labels.npz"))] if chief else []),
+      *evaluation,  # before TensorBoard, which then logs what they add to the epoch's logs
       keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
   ]
-  start = time.perf_counter()
-  history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-                      callbacks=fit_callbacks, verbose=2)
-  seconds = time.perf_counter() - start
+  return self_label, evaluation, fit_callbacks
 
-  if chief:
-    write_atomically(os.path.join(config.run_dir, "final.weights.h5"), model.save_weights)
+
+def fit(config: TrainConfig, inputs: RunInputs, model: SelaModel, fit_callbacks):
+  """model.fit over the epochs (resuming from the backup); returns (history, seconds)."""
+  start = time.perf_counter()
+  history = model.fit(inputs.train, epochs=config.epochs, steps_per_epoch=inputs.steps_per_epoch,
+                      callbacks=fit_callbacks, verbose=2)
+  return history, time.perf_counter() - start
+
+
+def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_label, evaluation) -> dict:
+  """Training, labelling and evaluation metrics; NMI/ARI of the final self-labels against the classes."""
   labels = model.label_state.current_labels()
-  metrics = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch, "num_examples": num_examples,
-             "train_seconds": seconds,
+  epochs_run = max(1, config.epochs - inputs.initial_epoch)
+  evaluation_metrics = suite.collect_metrics(evaluation) if evaluation else {}
+  evaluation_seconds = sum(v for k, v in evaluation_metrics.items()
+                           if k.endswith("_seconds") and k != "evaluation_pass_seconds")
+  metrics = {"epochs": config.epochs, "resumed_from_epoch": inputs.initial_epoch,
+             "num_examples": inputs.dataset.num_examples, "train_seconds": seconds,
+             "seconds_per_epoch": (seconds - evaluation_seconds) / epochs_run,
              "final_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
-             **self_label.last_metrics}
-  if truth is not None:
+             **self_label.last_metrics, **evaluation_metrics}
+  if evaluation:
+    metrics["evaluation_seconds"] = evaluation_seconds
+  if inputs.truth is not None:
     from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
-    metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(truth.labels, l)) for l in labels]
-    metrics["ari"] = [float(sk_metrics.adjusted_rand_score(truth.labels, l)) for l in labels]
-  if chief:
-    write_atomically(os.path.join(config.run_dir, "metrics.json"),
-                     lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
-  logger.info("run finished: %s", json.dumps(metrics))
+    metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]
+    metrics["ari"] = [float(sk_metrics.adjusted_rand_score(inputs.truth.labels, l)) for l in labels]
   return metrics
+
+
+def write_outputs(config: TrainConfig, model: SelaModel, metrics: dict):
+  """final.weights.h5 and metrics.json, each atomically."""
+  write_atomically(os.path.join(config.run_dir, "final.weights.h5"), model.save_weights)
+  write_atomically(os.path.join(config.run_dir, "metrics.json"),
+                   lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))

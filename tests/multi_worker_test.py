@@ -41,6 +41,24 @@ WORKER = textwrap.dedent("""
     result = callback.relabel()
     np.savez(out, labels=result.labels, replicas=strategy.num_replicas_in_sync,
              **{f"head_{t}": h for t, h in enumerate(log_probs)})
+
+    # The evaluation callbacks: every worker computes the same numbers; only the chief writes.
+    from selabel_tf.data import sources
+    from selabel_tf.evaluation import callbacks as eval_callbacks
+    pixels = np.clip(images * 40 + 128, 0, 255).astype(np.uint8)
+    dataset = sources.Dataset(name="w", images=pixels, original_index=np.arange(num_examples),
+                              kind="small", origin="test")
+    truth = sources.GroundTruth((np.arange(num_examples) % 3).astype(np.int64), ("a", "b", "c"))
+    data = eval_callbacks.EvaluationData(dataset, truth, dataset, truth, image_size=16, batch_size=16)
+    log_dir = out + ".tensorboard"
+    evaluation = [eval_callbacks.KNNCallback(data, ks=(5,), log_dir=log_dir),
+                  eval_callbacks.ClusterMetricsCallback(data, log_dir=log_dir)]
+    metrics = {}
+    for evaluation_callback in evaluation:
+      evaluation_callback.set_model(model)
+      metrics.update(evaluation_callback.evaluate())
+    with open(out + ".json", "w") as f:
+      json.dump({k: v for k, v in metrics.items() if not k.endswith("_seconds")}, f)
 """)
 
 
@@ -85,3 +103,16 @@ def test_two_workers_label_like_one_process(tmp_path):
     for t in range(2):
       np.testing.assert_allclose(got[f"head_{t}"], expected[f"head_{t}"], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(got["labels"], expected["labels"])
+
+  with open(f"{single}.json") as f:
+    expected_metrics = json.load(f)
+  assert "knn_top1/features/k=5" in expected_metrics and "cluster_test/head_0/nmi" in expected_metrics
+  for index in range(2):
+    with open(tmp_path / f"worker_{index}.npz.json") as f:
+      got = json.load(f)
+    assert got.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+      assert abs(got[key] - value) <= 1e-5, (index, key)
+  # Only the chief (worker 0) writes its TensorBoard logs.
+  assert os.path.isdir(tmp_path / "worker_0.npz.tensorboard")
+  assert not os.path.exists(tmp_path / "worker_1.npz.tensorboard")

@@ -115,19 +115,27 @@ def tiny_npz(make_npz):
 
 
 @pytest.mark.parametrize("name,flags,needle", [
-    ("architecture", ["--architecture=vgg"], "--architecture='vgg' is unknown"),
+    ("architecture", ["--architecture=vgg"], "--architecture=vgg: value should be one of"),
     ("dataset", ["--dataset=no_such_data"], "--dataset=no_such_data"),
     ("lam", ["--lam=0"], "--lam=0.0 must be > 0"),
     ("heads", ["--heads=x10"], "--heads"),
     ("flagfile", ["--flagfile=/nonexistent/x.cfg"], "/nonexistent/x.cfg"),
     ("batch", ["--strategy=mirrored", "--cpu_devices=2", "--batch_size=3"], "--batch_size=3"),
     ("k_vs_n", ["--heads=64"], "--heads=64"),
-    ("balance", ["--labeller_balance=round"], "--labeller_balance='round' must be one of"),
+    ("balance", ["--labeller_balance=round"], "--labeller_balance=round: value should be one of"),
     ("label_batch", ["--label_batch_size=-1"], "--label_batch_size=-1 must be >= 0"),
     ("cold_start", ["--labeller_cold_start_balance=first"],
-     "--labeller_cold_start_balance='first' must be one of"),
-    ("label_pass_precision", ["--label_pass_precision=int8"], "--label_pass_precision='int8' must be one of"),
-    ("storage", ["--labeller_storage=int8"], "--labeller_storage='int8' must be one of"),
+     "--labeller_cold_start_balance=first: value should be one of"),
+    ("label_pass_precision", ["--label_pass_precision=int8"],
+     "--label_pass_precision=int8: value should be one of"),
+    ("storage", ["--labeller_storage=int8"], "--labeller_storage=int8: value should be one of"),
+    ("labeller", ["--labeller=spectral"], "--labeller=spectral: value should be one of"),
+    ("probe_mode", ["--probe_mode=online"], "--probe_mode=online: value should be one of"),
+    ("probe_epochs", ["--probe_epochs=0"], "--probe_epochs=0 must be >= 1"),
+    ("knn_k", ["--knn_k=10,many"], "--knn_k=10,many must be a comma list of int values"),
+    ("knn_k_zero", ["--knn_k=0"], "--knn_k=0 must be a non-empty list of ints >= 1"),
+    ("eval_every", ["--eval_every_epochs=-1"], "--eval_every_epochs=-1 must be >= 0"),
+    ("lr_drops", ["--lr_drops=two"], "--lr_drops=two must be a comma list of int values"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
   del name
@@ -158,3 +166,142 @@ def test_every_config_passes_validation(config, tmp_path):
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("train: error: --dataset=/nonexistent"), \
       result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# --help of every bin/ program; a short run with its evaluation; bin/evaluate.
+
+
+@pytest.mark.parametrize("program,groups", [
+    ("train", ["data:", "model:", "optimisation:", "self-labelling:", "evaluation:", "runtime:"]),
+    ("evaluate", ["evaluation:", "run:"]),
+])
+@pytest.mark.parametrize("flag", ["--help", "--helpfull", "-h"])
+def test_every_program_prints_its_flags_with_help(program, groups, flag):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "bin", program), flag], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith(f"usage: {program} ")
+  for group in groups:
+    assert f"\n{group}\n" in result.stdout, group
+  expected = ["--knn_k", "--probe_epochs"] + (["--labeller: <sinkhorn|kmeans>", "--lam"]
+                                              if program == "train" else ["--run_dir", "--random_init"])
+  for needle in expected:
+    assert needle in result.stdout, needle
+
+
+def test_every_config_field_is_a_flag_with_help():
+  """One table: each TrainConfig field declares its help, and fields with choices become enums."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  for field in dataclasses.fields(train.TrainConfig):
+    assert field.metadata.get("help"), field.name
+    assert field.metadata.get("group"), field.name
+  assert dataclasses.fields(train.TrainConfig)  # non-empty
+  choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(train.TrainConfig)
+             if f.metadata.get("choices")}
+  from selabel_tf.modeling import backbones  # pylint: disable=g-import-not-at-top
+  assert choices["architecture"] == backbones.BACKBONES
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, make_npz):
+  """A 2-epoch bin/train run with its evaluation every epoch (the test suite's smoke run)."""
+  dataset = make_npz(96, 20, 3)
+  run_dir = tmp_path_factory.mktemp("smoke") / "run"
+  result = _train_cli(f"--dataset={dataset}", f"--run_dir={run_dir}", "--architecture=resnet18",
+                      "--heads=3,5", "--epochs=2", "--nopts=2", "--batch_size=16", "--probe_epochs=1",
+                      "--knn_k=3,10", "--eval_every_epochs=1", "--strategy=default")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dataset, run_dir
+
+
+def test_a_run_writes_a_complete_run_dir_with_its_evaluation(finished_run):
+  _, run_dir = finished_run
+  for name in ("config.json", "flags.txt", "labels.npz", "final.weights.h5", "metrics.json"):
+    assert (run_dir / name).is_file(), name
+  assert os.listdir(run_dir / "tensorboard" / "evaluation")
+  with open(run_dir / "metrics.json") as f:
+    metrics = json.load(f)
+  layers = ["stem", "block1", "block2", "block3", "block4", "features"]
+  expected = (["knn_top1/features/k=3", "knn_top1/features/k=10", "probe_best_layer", "probe_best_test_top1",
+               "evaluation_seconds", "seconds_per_epoch", "nmi", "ari", "final_loss"]
+              + [f"probe_{s}_top1/{layer}" for s in ("train", "test") for layer in layers]
+              + [f"cluster_{s}/head_{t}/{m}" for s in ("selabel", "test") for t in (0, 1)
+                 for m in ("nmi", "adjusted_nmi", "ari", "hungarian_accuracy", "size_min", "size_max")]
+              + ["cluster_selabel/head_1/majority_accuracy"])
+  missing = [k for k in expected if k not in metrics]
+  assert not missing, missing
+  assert metrics["probe_best_layer"] in layers
+  assert metrics["cluster_selabel/head_0/nmi"] == pytest.approx(metrics["nmi"][0])
+  for key in expected[:2]:
+    assert 0 <= metrics[key] <= 1
+
+
+def _evaluate_cli(*flags):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "evaluate"), *flags],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def test_bin_evaluate_writes_evaluation_json_and_a_table(finished_run, tmp_path):
+  _, run_dir = finished_run
+  output = tmp_path / "evaluation.json"
+  result = _evaluate_cli(f"--run_dir={run_dir}", "--probe_epochs=1", "--knn_k=3,10",
+                         f"--output={output}", "--verbose=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(output) as f:
+    evaluation = json.load(f)
+  with open(run_dir / "metrics.json") as f:
+    metrics = json.load(f)
+  # The same weights, data and protocol as the run's own final evaluation: the same kNN and clusters.
+  for key in ("knn_top1/features/k=3", "knn_top1/features/k=10", "cluster_test/head_0/nmi",
+              "cluster_selabel/head_1/ari"):
+    assert evaluation[key] == pytest.approx(metrics[key], abs=1e-6), key
+  assert evaluation["weights"].endswith("final.weights.h5") and evaluation["random_init"] is False
+  assert "weighted kNN top-1 (test)" in result.stdout and "linear probes" in result.stdout
+  assert "<- best" in result.stdout
+
+  random = _evaluate_cli(f"--run_dir={run_dir}", "--random_init", "--probe_epochs=1", "--knn_k=3",
+                         "--verbose=0")
+  assert random.returncode == 0, random.stderr[-3000:]
+  with open(run_dir / "evaluation_random_init.json") as f:
+    untrained = json.load(f)
+  assert untrained["random_init"] is True and "knn_top1/features/k=3" in untrained
+  assert not any(k.startswith("cluster_selabel/") for k in untrained)
+
+
+@pytest.mark.parametrize("make_flags,needle", [
+    (lambda run_dir, tmp: [f"--run_dir={tmp / 'nowhere'}"], "no such directory"),
+    (lambda run_dir, tmp: [], "--run_dir is required"),
+    (lambda run_dir, tmp: [f"--run_dir={tmp}"], "no config.json"),
+    (lambda run_dir, tmp: [f"--run_dir={run_dir}", "--knn_k=0"], "--knn_k=0 must be"),
+    (lambda run_dir, tmp: [f"--run_dir={run_dir}", "--probe_mode=x"], "--probe_mode=x: value should be"),
+])
+def test_bin_evaluate_bad_input_exits_2_with_one_line(finished_run, tmp_path, make_flags, needle):
+  _, run_dir = finished_run
+  result = _evaluate_cli(*make_flags(run_dir, tmp_path))
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("evaluate: error:")]
+  assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_bin_evaluate_without_weights_exits_2(finished_run, tmp_path):
+  _, run_dir = finished_run
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "config.json").write_text((run_dir / "config.json").read_text())
+  result = _evaluate_cli(f"--run_dir={bare}")
+  assert result.returncode == 2
+  assert "no final.weights.h5 and no backup weights; pass --random_init" in result.stderr
+
+
+def test_run_leaves_the_dtype_policy_as_it_found_it(make_npz, tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
+  dataset = make_npz(32, 16, 2)
+  before = keras.mixed_precision.global_policy().name
+  config = train.TrainConfig(dataset=dataset, run_dir=str(tmp_path / "run"), architecture="resnet18",
+                             heads="2", epochs=1, nopts=1, batch_size=16, mixed_precision=True,
+                             evaluate=False, strategy="default")
+  train.run(config)
+  assert keras.mixed_precision.global_policy().name == before == "float32"

@@ -5,7 +5,7 @@ labels [T, N], each head's log alpha (the labeller's warm start, paper sec. 3.1)
 are done (the schedule position). As weights of the model they are saved by `model.save_weights`, so
 checkpoints and `keras.callbacks.BackupAndRestore` carry them with the network and the optimizer.
 
-`SelaModel.train_step` looks the labels of a batch up by example index and minimises the mean over heads
+`SelaModel.compute_loss` looks the labels of a batch up by example index and minimises the mean over heads
 of the cross-entropy (paper eq. 1 with T heads, sec. 3.5), through Keras' own train step, so that
 distribution, loss scaling and metrics are Keras'.
 """
@@ -107,29 +107,31 @@ class SelaModel(keras.Model):
     """The backbone's named activations (for probes) and "features"."""
     return self.backbone(images, training=training)
 
-  def _with_labels(self, data):
-    return data["image"], self.label_state.lookup(data["index"])
+  def _targets(self, x, y):
+    """The batch's self-labels where Keras has no targets: `fit`/`evaluate` batches are
+    {"index", "image"} dicts, so `y` is None and the labels are looked up by index from `label_state`
+    when the step runs (a labelling between batches applies from the next batch)."""
+    if y is None and isinstance(x, dict) and "index" in x:
+      # A no-op at step time (int64); when Keras builds the compiled loss and metrics under a strategy
+      # from a replica-mean of the first batch, the index is float and only its shape matters.
+      return self.label_state.lookup(tf.cast(x["index"], tf.int64))
+    return y
 
-  def _symbolic_build(self, iterator=None, data_batch=None):
-    # Under a strategy Keras builds the compiled loss from the first batch: give it (image, labels).
-    # (Only shapes matter here; the strategy path hands over a replica-mean, so the index is a float.)
-    if isinstance(data_batch, dict) and "index" in data_batch:
-      index = tf.zeros(tf.shape(data_batch["index"]), tf.int64)
-      data_batch = self._with_labels({"index": index, "image": data_batch["image"]})
-    return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+  def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    return super().compute_loss(x=x, y=self._targets(x, y), y_pred=y_pred,
+                                sample_weight=sample_weight, training=training)
 
-  def train_step(self, data):
-    return super().train_step(self._with_labels(data))
-
-  def test_step(self, data):
-    return super().test_step(self._with_labels(data))
+  def compute_metrics(self, x, y, y_pred, sample_weight=None):
+    return super().compute_metrics(x, self._targets(x, y), y_pred, sample_weight=sample_weight)
 
   def compile_for_self_labelling(self, optimizer, **kwargs):
     """compile() with the paper's loss: the mean over heads of softmax cross-entropy."""
     num_heads = len(self.num_clusters)
     self.compile(
         optimizer=optimizer,
-        loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True) for _ in range(num_heads)],
+        # Named per head: Keras logs each head's loss under its own name.
+        loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True, name=f"head_{t}_cross_entropy")
+              for t in range(num_heads)],
         loss_weights=[1.0 / num_heads] * num_heads, **kwargs)
 
   def with_dtype_policy(self, dtype_policy: str) -> "SelaModel":

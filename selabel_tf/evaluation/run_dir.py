@@ -1,0 +1,96 @@
+"""Evaluating a run directory (`bin/evaluate`): its model, rebuilt from config.json, on its dataset.
+
+`evaluate_run_dir(run_dir)` rebuilds the run's `SelaModel` from its `config.json`, loads
+`final.weights.h5` (or, for a run still going, the newest weights of `backup/`; or none with
+`random_init=True`, a random-init network of the same configuration, seeded), loads the run's dataset
+with its test split, runs the evaluation suite and writes the metrics as JSON, atomically.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from selabel_tf import train
+from selabel_tf.evaluation import suite
+from selabel_tf.modeling import heads as heads_lib
+from selabel_tf.modeling.sela import SelaModel
+
+EVALUATION_FILE = "evaluation.json"
+RANDOM_INIT_FILE = "evaluation_random_init.json"
+
+
+class RunDirError(ValueError):
+  """A run directory that cannot be evaluated; the message names the path and what is missing."""
+
+
+def load_config(run_dir: str, **overrides) -> train.TrainConfig:
+  """The run's TrainConfig from run_dir/config.json, with `overrides` (evaluation options) applied."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isdir(run_dir):
+    raise RunDirError(f"--run_dir={run_dir}: no such directory")
+  if not os.path.isfile(path):
+    raise RunDirError(f"--run_dir={run_dir}: no config.json (not a bin/train run directory)")
+  with open(path) as f:
+    values = json.load(f)
+  known = {field.name: field for field in dataclasses.fields(train.TrainConfig)}
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+  return dataclasses.replace(train.TrainConfig(**values), **overrides)
+
+
+def weights_path(run_dir: str) -> str:
+  """final.weights.h5, else (a run still going) the newest weights BackupAndRestore wrote."""
+  final = os.path.join(run_dir, "final.weights.h5")
+  if os.path.isfile(final):
+    return final
+  backups = sorted(glob.glob(os.path.join(run_dir, "backup", "**", "*.weights.h5"), recursive=True),
+                   key=os.path.getmtime)
+  if backups:
+    return backups[-1]
+  raise RunDirError(f"--run_dir={run_dir}: no final.weights.h5 and no backup weights; pass "
+                    f"--random_init to evaluate an untrained network of this configuration")
+
+
+def evaluate_run_dir(run_dir: str, *, random_init: bool = False, output: Optional[str] = None,
+                     strategy: Optional[tf.distribute.Strategy] = None, verbose: int = 1,
+                     **overrides) -> dict:
+  """Evaluates the run's model (or a random-init one) and writes the metrics; returns them.
+
+  Args:
+    run_dir: a bin/train run directory.
+    random_init: evaluate an untrained network of the run's configuration (seeded by its --seed).
+    output: where to write the JSON (default: run_dir/evaluation.json, or
+      run_dir/evaluation_random_init.json with `random_init`).
+    strategy: default: the run's --strategy.
+    verbose: 1 shows progress bars.
+    **overrides: TrainConfig evaluation fields (knn_k, probe_epochs, ...) replacing the run's.
+
+  Raises:
+    RunDirError: a missing run directory, config or weights file.
+    train.ConfigError: an override that is not allowed, or a dataset without a labelled test split.
+  """
+  config = load_config(run_dir, **overrides)
+  config.validate()
+  path = None if random_init else weights_path(run_dir)
+  keras.utils.set_random_seed(config.seed)
+  strategy = strategy or train.make_strategy(config.strategy)
+  data = train.build_evaluation_data(config)
+  num_clusters = heads_lib.parse_heads(config.heads)
+  with strategy.scope():
+    model = SelaModel(config.architecture, (data.image_size, data.image_size, data.train.channels),
+                      num_clusters, data.train.num_examples, name="sela")
+    model.build()
+    if path is not None:
+      model.load_weights(path)
+  metrics = suite.evaluate_model(model, data, train.evaluation_options(config), verbose=verbose)
+  metrics.update(run_dir=run_dir, weights=path or "random_init", random_init=random_init)
+  if random_init:  # an untrained network's labels are the initial ones: not a result
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_selabel/")}
+  output = output or os.path.join(run_dir, RANDOM_INIT_FILE if random_init else EVALUATION_FILE)
+  if strategy.extended.should_checkpoint:
+    train.write_atomically(output, lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+  return metrics

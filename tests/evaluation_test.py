@@ -1,0 +1,258 @@
+"""The evaluation callbacks: linear probes (pooling, learning, a frozen backbone), kNN and cluster metrics
+in a model's fit, on 1 and 2 replicas, and the K-means labeller through SelfLabelCallback."""
+
+import itertools
+
+import faiss
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from selabel_tf import callbacks as callbacks_lib
+from selabel_tf import kmeans
+from selabel_tf.data import sources
+from selabel_tf.evaluation import callbacks as eval_callbacks
+from selabel_tf.evaluation import cluster_metrics
+from selabel_tf.evaluation import knn
+from selabel_tf.evaluation import probes
+from selabel_tf.evaluation import suite
+from selabel_tf.modeling import backbones
+from selabel_tf.modeling.sela import SelaModel
+
+SIZE, NUM_CLASSES = 16, 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+
+
+def _adaptive_max_pool_reference(x, out_h, out_w):
+  """PyTorch's AdaptiveMaxPool2d in numpy: bin i covers floor(i h / o) .. ceil((i + 1) h / o) - 1."""
+  batch, height, width, channels = x.shape
+  y = np.zeros((batch, out_h, out_w, channels), x.dtype)
+  for i, j in itertools.product(range(out_h), range(out_w)):
+    r0, r1 = (i * height) // out_h, -(-((i + 1) * height) // out_h)
+    c0, c1 = (j * width) // out_w, -(-((j + 1) * width) // out_w)
+    y[:, i, j] = x[:, r0:r1, c0:c1].max(axis=(1, 2))
+  return y
+
+
+@pytest.mark.parametrize("height,width,out_h,out_w", [(55, 55, 10, 10), (13, 13, 5, 5), (28, 28, 12, 12),
+                                                      (6, 6, 5, 5), (7, 9, 3, 4), (6, 6, 6, 6)])
+def test_adaptive_max_pool_equals_pytorch_bins(height, width, out_h, out_w):
+  x = np.random.default_rng(0).normal(size=(2, height, width, 3)).astype(np.float32)
+  y = probes.AdaptiveMaxPool2D((out_h, out_w))(x)
+  np.testing.assert_array_equal(np.asarray(y), _adaptive_max_pool_reference(x, out_h, out_w))
+
+
+def test_probe_dimensions_at_224_px_are_the_official_ones():
+  """The official probes pool the 224 px AlexNet's conv1..conv5 to 9600, 9216, 9600, 9600, 9216."""
+  dims = probes.probe_dimensions("alexnet", 224, 3)
+  assert [dims[f"conv{i}"][1] for i in range(1, 6)] == [9600, 9216, 9600, 9600, 9216]
+  assert dims["features"] == ((4096,), 4096)
+  for size in (28, 32, 96):
+    for layer, (_, dim) in probes.probe_dimensions("alexnet_small", size, 1).items():
+      assert dim <= probes.TARGET_DIMENSIONS, (size, layer, dim)
+
+
+def test_unknown_probe_layer_is_named():
+  model = backbones.build_backbone("resnet18", (SIZE, SIZE, 1))
+  with pytest.raises(ValueError, match="probe layer 'conv9' is not an output"):
+    probes.activation_pooling(model, ["conv9"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes learn
+
+
+def test_probe_learns_linearly_separable_activations():
+  rng = np.random.default_rng(0)
+  num_train, num_test, dim, classes = 3000, 600, 64, 4
+  directions = rng.normal(size=(classes, dim))
+  y_train, y_test = rng.integers(0, classes, num_train), rng.integers(0, classes, num_test)
+
+  def activations(y):
+    return (3 * directions[y] + rng.normal(size=(len(y), dim))).astype(np.float16)
+
+  noise = {"noise": rng.normal(size=(num_train, 8)).astype(np.float16)}
+  result = probes.train_on_cache(
+      {"separable": activations(y_train), **noise}, y_train,
+      {"separable": activations(y_test), "noise": rng.normal(size=(num_test, 8)).astype(np.float16)},
+      y_test, num_classes=classes, options=probes.ProbeOptions(epochs=4))
+  assert result.test_top1["separable"] >= 0.99
+  assert result.train_top1["separable"] >= 0.99
+  assert result.test_top1["noise"] < 0.4  # chance is 0.25: the probes do not share their inputs
+  assert result.best_layer == "separable"
+
+
+# --------------------------------------------------------------------------------------------------
+# The callbacks in a fit
+
+
+def _prototype_data(num_examples, seed):
+  """Noisy copies of one prototype image per class: data a network can tell apart."""
+  rng = np.random.default_rng(seed)
+  prototypes = np.random.default_rng(0).integers(0, 256, size=(NUM_CLASSES, SIZE, SIZE, 1))
+  labels = rng.integers(0, NUM_CLASSES, num_examples)
+  images = np.clip(prototypes[labels] + rng.normal(0, 30, size=(num_examples, SIZE, SIZE, 1)), 0, 255)
+  dataset = sources.Dataset(name=f"prototypes{seed}", images=images.astype(np.uint8),
+                            original_index=np.arange(num_examples), kind="small", origin="test")
+  return dataset, sources.GroundTruth(labels.astype(np.int64), ("a", "b", "c"))
+
+
+@pytest.fixture(name="data", scope="module")
+def _data():
+  train, train_truth = _prototype_data(120, 1)
+  test, test_truth = _prototype_data(50, 2)  # 50: the last batch of 16 splits unevenly over 2 replicas
+  return eval_callbacks.EvaluationData(train, train_truth, test, test_truth, image_size=SIZE,
+                                       batch_size=16)
+
+
+def _sela_model(strategy, num_examples, heads=(3, 5), learning_rate=0.01):
+  keras.utils.set_random_seed(0)
+  with strategy.scope():
+    model = SelaModel("alexnet_small", (SIZE, SIZE, 1), heads, num_examples, name="sela")
+    model.build()
+    model.compile_for_self_labelling(keras.optimizers.SGD(learning_rate))
+  return model
+
+
+def _weights(model):
+  return [np.array(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("mode", ["cached", "streamed"])
+def test_probe_never_changes_the_backbone(data, mode):
+  """Bitwise, BatchNorm moving statistics and the label state included; and dropout is off in the
+  cached pass (two passes give the same activations)."""
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
+  before = _weights(model)
+  callback = eval_callbacks.LinearProbeCallback(
+      data, layers=("conv2", "features"), mode=mode,
+      options=probes.ProbeOptions(epochs=1, batch_size=16))
+  callback.set_model(model)
+  metrics = callback.evaluate()
+  assert set(metrics) >= {"probe_test_top1/conv2", "probe_train_top1/features", "probe_best_layer"}
+  assert model.trainable  # the streamed mode froze a copy, not the model
+  for a, b in zip(before, _weights(model)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_callbacks_in_fit_on_one_and_two_replicas_agree(data, mirrored_strategy):
+  """The same network evaluated in a fit on 1 and on 2 replicas. (Learning rate 0: training on 1 and 2
+  replicas drifts apart in float32 rounding, and an argmax of that drift is not the evaluation's.)"""
+  results = {}
+  for name, strategy in {"one": tf.distribute.OneDeviceStrategy("/cpu:0"),
+                         "two": mirrored_strategy}.items():
+    model = _sela_model(strategy, data.train.num_examples, learning_rate=0.0)
+    model.label_state.assign(np.stack([np.arange(120) % 3, np.arange(120) % 5]),
+                             [np.zeros(3), np.zeros(5)])
+    callbacks = suite.build_callbacks(
+        data, suite.EvaluationOptions(knn_ks=(5, 20), probe_layers=("conv3", "features"),
+                                      probe=probes.ProbeOptions(epochs=2, batch_size=16)),
+        every_epochs=1)
+    train = tf.data.Dataset.from_tensor_slices(
+        {"index": np.arange(120, dtype=np.int64),
+         "image": data.train.images.astype(np.float32) / 255.0}).batch(16, drop_remainder=True)
+    history = model.fit(train, epochs=1, callbacks=callbacks, verbose=0)
+    results[name] = suite.collect_metrics(callbacks)
+    # Keras logs carry the evaluation (so History and TensorBoard see it).
+    assert "knn_top1/features/k=5" in history.history
+    assert "cluster_test/head_1/nmi" in history.history
+  one, two = results["one"], results["two"]
+  assert {k for k in one if not k.endswith("_seconds")} == {k for k in two if not k.endswith("_seconds")}
+  for key in one:
+    if (key.startswith("knn_top1/") or key.startswith("cluster_")) and not key.endswith("_seconds"):
+      assert one[key] == pytest.approx(two[key], abs=1e-5), key
+  for key in one:  # probes train with synchronized BatchNorm: the same up to float32 drift
+    if key.startswith("probe_test_top1/"):
+      assert one[key] == pytest.approx(two[key], abs=2 / 50 + 1e-6), key
+
+
+def test_cluster_metrics_callback_matches_scikit_learn_on_the_model(data):
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
+  labels = np.stack([np.arange(120) % 3, (np.arange(120) * 7) % 5])
+  model.label_state.assign(labels, [np.zeros(3), np.zeros(5)])
+  callback = eval_callbacks.ClusterMetricsCallback(data)
+  callback.set_model(model)
+  metrics = callback.evaluate()
+  from sklearn import metrics as sk  # pylint: disable=g-import-not-at-top
+  assert metrics["cluster_selabel/head_1/nmi"] == pytest.approx(
+      sk.normalized_mutual_info_score(data.train_truth.labels, labels[1]))
+  # The head's argmax on the test split, from the model itself.
+  images = data.test.images.astype(np.float32) / 255.0
+  mean, std = data.test.normalization()
+  predictions = np.argmax(model((images - mean[0]) / std[0], training=False)[0], axis=-1)
+  expected = cluster_metrics.cluster_metrics(predictions, data.test_truth.labels, num_clusters=3)
+  for name, value in expected.items():
+    assert metrics[f"cluster_test/head_0/{name}"] == pytest.approx(value, abs=1e-9), name
+  assert metrics["cluster_selabel/head_1/majority_accuracy"] >= 0  # K = 5 > 3 classes
+
+
+def test_knn_callback_equals_the_knn_of_the_model_features(data):
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
+  callback = eval_callbacks.KNNCallback(data, ks=(3, 7))
+  callback.set_model(model)
+  metrics = callback.evaluate()
+
+  def features(split):
+    dataset, _ = data.split(split)
+    mean, std = dataset.normalization()
+    images = (dataset.images.astype(np.float32) / 255.0 - mean[0]) / std[0]
+    return np.asarray(model.features(images, training=False)["features"])
+
+  expected = knn.weighted_knn(features("train"), data.train_truth.labels, features("test"),
+                              num_classes=NUM_CLASSES, ks=(3, 7)).accuracy(data.test_truth.labels)
+  assert metrics["knn_top1/features/k=3"] == pytest.approx(expected[3], abs=1e-9)
+  assert metrics["knn_top1/features/k=7"] == pytest.approx(expected[7], abs=1e-9)
+
+
+def test_evaluation_callback_errors(data):
+  with pytest.raises(ValueError, match="every_epochs must be None or >= 1"):
+    eval_callbacks.KNNCallback(data, every_epochs=0)
+  with pytest.raises(ValueError, match="mode must be one of"):
+    eval_callbacks.LinearProbeCallback(data, mode="online")
+  with pytest.raises(ValueError, match="has no `backbone`: pass activations="):
+    callback = eval_callbacks.KNNCallback(data)
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    callback.set_model(model)
+    callback.evaluate()
+
+
+# --------------------------------------------------------------------------------------------------
+# The K-means labeller in SelfLabelCallback
+
+
+def test_kmeans_labeller_labels_the_model_features_with_faiss(data):
+  heads = (3, 5)
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples, heads)
+  images = (data.train.images.astype(np.float32) / 255.0)
+  label_pass = tf.data.Dataset.from_tensor_slices(
+      {"index": np.arange(120, dtype=np.int64), "image": images}).batch(32)
+  callback = callbacks_lib.SelfLabelCallback(label_pass, 120, 10.0, steps=[0], labeller="kmeans",
+                                             labeller_options={"seed": 3, "pca_dim": 16}, verbose=0)
+  callback.set_model(model)
+  callback.relabel()
+  labels = model.label_state.current_labels()
+  for t, k in enumerate(heads):
+    assert np.bincount(labels[t], minlength=k).min() > 0 and labels[t].max() == k - 1
+  # The same as faiss' own K-means on the preprocessed features of the model, with the same seeds.
+  features = np.asarray(model.features(images, training=False)["features"])
+  prepared = kmeans.preprocess_features(features, pca_dim=16, seed=3)
+  for t, k in enumerate(heads):
+    reference = faiss.Kmeans(prepared.shape[1], k, niter=20, seed=3 + t, max_points_per_centroid=10**7)
+    reference.train(prepared)
+    _, assigned = reference.index.search(prepared, 1)
+    np.testing.assert_array_equal(labels[t], assigned[:, 0])
+  assert "selabel_kmeans_inertia" in callback.last_metrics
+
+
+def test_kmeans_labeller_needs_a_features_method():
+  model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+  callback = callbacks_lib.SelfLabelCallback(None, 10, 10.0, steps=[0], labeller="kmeans",
+                                             num_clusters=[3])
+  with pytest.raises(ValueError, match="labeller='kmeans' needs a model with a features"):
+    callback.set_model(model)
+  with pytest.raises(ValueError, match="labeller must be one of"):
+    callbacks_lib.SelfLabelCallback(None, 10, 10.0, steps=[0], labeller="spectral", num_clusters=[3])
