@@ -8,7 +8,7 @@ all workers, in example order. `IndexedPass` is that loop, written once.
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import keras
 import numpy as np
@@ -34,22 +34,24 @@ class IndexedPass:
     self.strategy = strategy
     self._step = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)))
 
-  def __call__(self, dataset: tf.data.Dataset, num_examples: int, *, storage_dtype=None,
-               description: str = "pass", verbose: int = 0):
+  def __call__(self, dataset: tf.data.Dataset, num_examples: int, *, description: str = "pass",
+               verbose: int = 0):
     """Returns the outputs of every example, in index order.
 
     Args:
       dataset: batches of {"index", ...}, every index of [0, num_examples) exactly once.
       num_examples: N.
-      storage_dtype: numpy dtype floating outputs are stored in (e.g. np.float16 for large probe
-        activations); default: their own dtype.
       description: what the pass is, for the log line and the error messages.
       verbose: 1 shows a progress bar.
     """
     start = time.perf_counter()
     seen = np.zeros(num_examples, np.int64)
     flat_outputs, structure = None, None
-    progress = keras.utils.Progbar(None, unit_name="batch") if verbose else None
+    progress = None
+    if verbose:
+      batches = int(dataset.cardinality())
+      # A line every few seconds at most where the output is a log file rather than a terminal.
+      progress = keras.utils.Progbar(batches if batches > 0 else None, interval=5.0, unit_name="batch")
     for step, batch in enumerate(self.strategy.experimental_distribute_dataset(dataset)):
       index, outputs = self._gather(self._step(batch))
       if index.size:
@@ -59,8 +61,7 @@ class IndexedPass:
         flat = tf.nest.flatten(outputs)
         if flat_outputs is None:
           structure = outputs
-          flat_outputs = [np.zeros((num_examples,) + value.shape[1:], _storage(value.dtype, storage_dtype))
-                          for value in flat]
+          flat_outputs = [np.zeros((num_examples,) + value.shape[1:], value.dtype) for value in flat]
         for target, value in zip(flat_outputs, flat):
           target[index] = value
         np.add.at(seen, index, 1)
@@ -84,8 +85,3 @@ class IndexedPass:
       result = tf.nest.map_structure(lambda value: self.strategy.gather(value, axis=0), per_replica)
     return tf.nest.map_structure(np.asarray, result)
 
-
-def _storage(dtype, storage_dtype: Optional[np.dtype]):
-  if storage_dtype is not None and np.issubdtype(dtype, np.floating):
-    return storage_dtype
-  return dtype

@@ -419,7 +419,7 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
   if inputs.evaluation is not None:
     evaluation = suite.build_callbacks(inputs.evaluation, evaluation_options(config),
                                        every_epochs=config.eval_every_epochs or None, at_end=True,
-                                       log_dir=os.path.join(tensorboard_dir, "evaluation"))
+                                       log_dir=os.path.join(tensorboard_dir, "evaluation"), verbose=1)
   fit_callbacks = [
       keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"), save_freq="epoch",
                                        double_checkpoint=True),
@@ -444,15 +444,22 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
   labels = model.label_state.current_labels()
   epochs_run = max(1, config.epochs - inputs.initial_epoch)
   evaluation_metrics = suite.collect_metrics(evaluation) if evaluation else {}
-  evaluation_seconds = sum(v for k, v in evaluation_metrics.items()
-                           if k.endswith("_seconds") and k != "evaluation_pass_seconds")
+  # The last evaluation's cost; training time excludes every evaluation's.
+  evaluation_seconds = sum(callback.last_metrics.get(f"{callback.name}_seconds", 0.0)
+                           for callback in evaluation)
+  all_evaluations = sum(callback.total_seconds for callback in evaluation)
   metrics = {"epochs": config.epochs, "resumed_from_epoch": inputs.initial_epoch,
-             "num_examples": inputs.dataset.num_examples, "train_seconds": seconds,
-             "seconds_per_epoch": (seconds - evaluation_seconds) / epochs_run,
+             "num_examples": inputs.dataset.num_examples, "train_seconds": seconds - all_evaluations,
+             "seconds_per_epoch": (seconds - all_evaluations) / epochs_run,
              "final_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
              **self_label.last_metrics, **evaluation_metrics}
   if evaluation:
     metrics["evaluation_seconds"] = evaluation_seconds
+    logger.info("evaluation: %.1f s (kNN %.1f s, probes %.1f s, clusters %.1f s; of which passes over the "
+                "data %.1f s) beside %.1f s per training epoch", evaluation_seconds,
+                metrics.get("knn_seconds", 0.0), metrics.get("probe_seconds", 0.0),
+                metrics.get("cluster_seconds", 0.0), metrics["evaluation_pass_seconds"],
+                metrics["seconds_per_epoch"])
   if inputs.truth is not None:
     from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
     metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]

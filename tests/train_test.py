@@ -220,6 +220,8 @@ def test_a_run_writes_a_complete_run_dir_with_its_evaluation(finished_run):
   for name in ("config.json", "flags.txt", "labels.npz", "final.weights.h5", "metrics.json"):
     assert (run_dir / name).is_file(), name
   assert os.listdir(run_dir / "tensorboard" / "evaluation")
+  flagfile = (run_dir / "flags.txt").read_text().splitlines()
+  assert "--heads=3,5" in flagfile and "--lam=10.0" in flagfile and "--knn_k=3,10" in flagfile
   with open(run_dir / "metrics.json") as f:
     metrics = json.load(f)
   layers = ["stem", "block1", "block2", "block3", "block4", "features"]

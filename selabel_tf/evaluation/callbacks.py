@@ -36,6 +36,7 @@ from selabel_tf.data import sources
 from selabel_tf.evaluation import cluster_metrics as cluster_metrics_lib
 from selabel_tf.evaluation import knn as knn_lib
 from selabel_tf.evaluation import probes as probes_lib
+from selabel_tf.modeling import backbones
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +99,12 @@ class ActivationCache:
     layers: the activations to keep (pooled as the probes read them; a vector layer as it is).
     heads: also keep each head's argmax prediction (for the cluster metrics).
     activations: a functional model from images to a dict of activations (default: `model.backbone`).
-    storage_dtype: numpy dtype of stored activations ("features" is always float32, for the kNN).
+    storage_dtype: dtype of the stored activations ("features" is always float32, for the kNN).
     verbose: 1 shows a progress bar on each pass.
   """
 
   def __init__(self, data: EvaluationData, layers: Sequence[str], *, heads: bool = True,
-               activations: Optional[keras.Model] = None, storage_dtype=np.float16, verbose: int = 0):
+               activations: Optional[keras.Model] = None, storage_dtype=tf.float16, verbose: int = 0):
     self.data = data
     self.layers = tuple(dict.fromkeys(layers))
     self.heads = heads
@@ -138,7 +139,10 @@ class ActivationCache:
     def replica_fn(batch):
       images = batch["image"]
       outputs = activations(images, training=False)
-      result = {"activations": pooling(outputs)}
+      # Stored narrow from the device on ("features" stays float32 for the kNN).
+      result = {"activations": {layer: value if layer == probes_lib.FEATURES else
+                                tf.cast(value, self.storage_dtype)
+                                for layer, value in pooling(outputs).items()}}
       if self.heads:
         logits = model.heads(outputs["features"]) if sela_like else model(images, training=False)
         logits = logits if isinstance(logits, (list, tuple)) else [logits]
@@ -154,10 +158,6 @@ class ActivationCache:
     start = time.perf_counter()
     outputs = self._pass[2](self.data.evaluation_dataset(split), dataset.num_examples,
                             description=f"evaluation pass over {split}", verbose=self.verbose)
-    activations = outputs["activations"]
-    for layer in activations:
-      if layer != probes_lib.FEATURES:
-        activations[layer] = activations[layer].astype(self.storage_dtype, copy=False)
     self.pass_seconds += time.perf_counter() - start
     return outputs
 
@@ -179,6 +179,7 @@ class _EvaluationCallback(keras.callbacks.Callback):
     self.log_dir = log_dir
     self.verbose = verbose
     self.last_metrics: Dict[str, float] = {}
+    self.total_seconds = 0.0  # of every evaluation so far
     self._writer = None
     self._evaluated_at = None
     self._epoch = 0
@@ -188,6 +189,7 @@ class _EvaluationCallback(keras.callbacks.Callback):
     start = time.perf_counter()
     metrics = self._evaluate()
     metrics[f"{self.name}_seconds"] = time.perf_counter() - start
+    self.total_seconds += metrics[f"{self.name}_seconds"]
     self.last_metrics = metrics
     self._report(metrics)
     return metrics
@@ -275,6 +277,8 @@ class LinearProbeCallback(_EvaluationCallback):
     """`layers`, or every activation of the backbone, shallowest first, "features" last."""
     if self.layers is not None:
       return self.layers
+    if self.activations is None and getattr(self.model, "architecture", None) in backbones.BACKBONES:
+      return probes_lib.default_layers(self.model.architecture)  # SelaModel: its backbone's, in order
     names = tuple(_activations_of(self.model, self.activations).output)
     return tuple(n for n in names if n != probes_lib.FEATURES) + tuple(
         n for n in names if n == probes_lib.FEATURES)

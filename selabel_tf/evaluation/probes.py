@@ -282,13 +282,17 @@ def _cached_dataset(activations, labels, layers, batch_size, order):
     index = order()
     for begin in range(0, len(index), batch_size):
       rows = np.sort(index[begin:begin + batch_size])  # sorted rows read faster; the batch is a set
-      yield ({layer: activations[layer][rows].astype(np.float32) for layer in layers},
-             {layer: labels[rows] for layer in layers})
+      yield ({layer: activations[layer][rows] for layer in layers}, {layer: labels[rows] for layer in layers})
 
-  signature = ({layer: tf.TensorSpec((None, activations[layer].shape[1]), tf.float32) for layer in layers},
+  # Rows leave the generator in their stored dtype (float16) and are widened by TensorFlow, which casts
+  # several times faster than numpy.
+  signature = ({layer: tf.TensorSpec((None, activations[layer].shape[1]), tf.as_dtype(activations[layer].dtype))
+                for layer in layers},
                {layer: tf.TensorSpec((None,), tf.int64) for layer in layers})
   batches_per_pass = -(-len(order()) // batch_size)
   ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
+  ds = ds.map(lambda inputs, targets: ({layer: tf.cast(x, tf.float32) for layer, x in inputs.items()},
+                                       targets), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.apply(tf.data.experimental.assert_cardinality(batches_per_pass)).prefetch(2)
 
 

@@ -102,7 +102,8 @@ def evaluate_model(model: keras.Model, data: eval_callbacks.EvaluationData,
 def table(metrics: Dict[str, object]) -> str:
   """A readable text table of a suite's metrics (kNN, probes per layer, clusters per head)."""
   lines = []
-  knn = sorted((k, v) for k, v in metrics.items() if k.startswith("knn_top1/"))
+  knn = sorted(((k, v) for k, v in metrics.items() if k.startswith("knn_top1/")),
+               key=lambda item: (item[0].rsplit("/", 1)[0], int(item[0].rsplit("=", 1)[1])))
   if knn:
     lines.append("weighted kNN top-1 (test)")
     lines += [f"  {k[len('knn_top1/'):]:<24} {100 * v:6.2f}%" for k, v in knn]
