@@ -177,6 +177,12 @@ class TrainConfig:
     for ok, message in checks:
       if not ok:
         raise ConfigError(message)
+    layers = probes_lib.default_layers(self.architecture)
+    for flag, names in (("probe_layers", self.probe_layers), ("knn_layer", (self.knn_layer,))):
+      unknown = [name for name in names if name not in layers]
+      if unknown:
+        raise ConfigError(f"--{flag}={','.join(names)}: {', '.join(unknown)} is not a layer of "
+                          f"--architecture={self.architecture}; allowed: {', '.join(layers)}")
 
   def to_json(self):
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -211,6 +217,9 @@ def write_atomically(path: str, write):
   os.close(fd)
   try:
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a run's files from other users
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

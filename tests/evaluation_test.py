@@ -149,8 +149,8 @@ def test_callbacks_in_fit_on_one_and_two_replicas_agree(data, mirrored_strategy)
     model.label_state.assign(np.stack([np.arange(120) % 3, np.arange(120) % 5]),
                              [np.zeros(3), np.zeros(5)])
     callbacks = suite.build_callbacks(
-        data, suite.EvaluationOptions(knn_ks=(5, 20), probe_layers=("conv3", "features"),
-                                      probe=probes.ProbeOptions(epochs=2, batch_size=16)),
+        data, suite.EvaluationOptions(knn_ks=(5, 20), probe_layers=("conv5", "features"),
+                                      probe=probes.ProbeOptions(epochs=1, batch_size=24)),
         every_epochs=1)
     train = tf.data.Dataset.from_tensor_slices(
         {"index": np.arange(120, dtype=np.int64),
