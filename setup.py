@@ -21,7 +21,8 @@ setuptools.setup(
         "psutil>=5.9",
         "tensorboard>=2.16",  # tf.summary and keras.callbacks.TensorBoard need it; tensorflow does not pull it in
         "scikit-learn>=1.4",  # NMI/ARI of the final labels
-        "faiss-cpu>=1.8",
+        "faiss-cpu>=1.8",  # the K-means labeller (selabel_tf.kmeans)
+        "scipy>=1.11",  # Hungarian matching, the K-means labeller's PCA
         "pillow>=10",
     ],
     extras_require={

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 FEATURE_DTYPES = ("float16", "float32", "float64")
 # Eigenvalues below this fraction of the largest are float32 rounding noise of a centred covariance;
-# whitening would scale noise up to unit variance.
+# whitening would scale noise up to unit variance, so those components are set to 0 instead.
 _MIN_RELATIVE_EIGENVALUE = 1e-6
 _CHUNK_BYTES = 1 << 26  # float32 bytes of input rows converted and projected at once
 _MAX_FAISS_SEED = 2**31 - 1  # faiss' seed is a C int
@@ -76,7 +76,8 @@ def preprocess_features(features,
       indexing (see the module docstring); read chunk by chunk and converted to float32.
     pca_dim: output dimensions; clamped to D.
     whiten: scale every principal component to unit variance before the L2 normalisation (DeepCluster
-      does); False keeps the plain PCA projection.
+      does); components of rounding-noise variance (features of rank below min(pca_dim, D)) are set
+      to 0 instead, with a logged warning. False keeps the plain PCA projection.
     pca_sample_size: train the PCA on this many rows drawn at random (seeded by `seed`), then project
       all rows; None (or >= N) trains on all rows.
     seed: seed of the PCA sample.
@@ -86,9 +87,8 @@ def preprocess_features(features,
     projects to zero and stays zero).
 
   Raises:
-    ValueError: on features that are not 2-D float16/32/64 or contain NaN or inf, options out of range,
-      fewer than min(pca_dim, D) + 1 rows to train the PCA on, or (with `whiten`) features that vary
-      along fewer than min(pca_dim, D) directions.
+    ValueError: on features that are not 2-D float16/32/64, contain NaN or inf, or are all equal, on
+      options out of range, and on fewer than min(pca_dim, D) + 1 rows to train the PCA on.
   """
   projected = _pca_project(features, pca_dim=pca_dim, whiten=whiten, pca_sample_size=pca_sample_size,
                            seed=seed)
@@ -159,7 +159,8 @@ def assign_labels_kmeans(features,
 def _pca_project(features, *, pca_dim, whiten, pca_sample_size, seed):
   """float32 [N, min(pca_dim, D)]: the features projected on their leading principal components.
 
-  With `whiten`, every component has unit variance over the training rows (no L2 step here).
+  With `whiten`, every component has unit variance over the training rows, or is 0 where its variance
+  is rounding noise (no L2 step here).
   """
   features = _check_features(features)
   num_examples, dim = _shape_of(features)
@@ -199,9 +200,7 @@ def _pca_project(features, *, pca_dim, whiten, pca_sample_size, seed):
   covariance /= num_train
   eigenvalues, eigenvectors = _leading_eigenvectors(covariance, out_dim)
   del covariance
-  _check_spectrum(eigenvalues, whiten, pca_dim, dim)
-  if whiten:
-    eigenvectors /= np.sqrt(eigenvalues)
+  eigenvectors *= _component_scales(eigenvalues, whiten, pca_dim, dim)
   projection = eigenvectors.astype(np.float32)  # [D, out_dim]
 
   projected = np.empty((num_examples, out_dim), np.float32)
@@ -271,19 +270,27 @@ def _float32_rows(features, rows, where):
   return values
 
 
-def _check_spectrum(eigenvalues, whiten, pca_dim, dim):
-  """Raises if the kept principal components cannot be (whitened) PCA outputs."""
+def _component_scales(eigenvalues, whiten, pca_dim, dim):
+  """float64 [out_dim]: the factor of each principal component, 1/sqrt(eigenvalue) or 1 (no whiten).
+
+  With `whiten`, components whose variance is rounding noise (dead ReLU units, features of lower rank
+  than pca_dim) get factor 0, as a pseudo-inverse would: scaled to unit variance they would be pure
+  noise, as heavy in the K-means distances as the real directions.
+  """
   if not eigenvalues[0] > 0:
-    raise ValueError(f"features: every row is the same (zero variance); PCA and K-means need rows "
-                     f"that differ")
-  if whiten:
-    num_reliable = int(np.count_nonzero(eigenvalues > _MIN_RELATIVE_EIGENVALUE * eigenvalues[0]))
-    if num_reliable < eigenvalues.shape[0]:
-      raise ValueError(
-          f"features vary along only {num_reliable} directions (variance above "
-          f"{_MIN_RELATIVE_EIGENVALUE:g} of the largest), fewer than the {eigenvalues.shape[0]} "
-          f"(pca_dim={pca_dim}, D={dim}) that whitening scales to unit variance; pass pca_dim <= "
-          f"{num_reliable}")
+    raise ValueError("features: every row is the same (zero variance); PCA and K-means need rows "
+                     "that differ")
+  if not whiten:
+    return np.ones_like(eigenvalues)
+  reliable = eigenvalues > _MIN_RELATIVE_EIGENVALUE * eigenvalues[0]
+  num_reliable = int(np.count_nonzero(reliable))
+  if num_reliable < eigenvalues.shape[0]:
+    logger.warning(
+        "preprocess_features: the features vary along only %d of the %d directions kept "
+        "(pca_dim=%d, D=%d; variance above %g of the largest); whitening sets the other %d "
+        "components to 0 (pass pca_dim <= %d to drop them)", num_reliable, eigenvalues.shape[0],
+        pca_dim, dim, _MIN_RELATIVE_EIGENVALUE, eigenvalues.shape[0] - num_reliable, num_reliable)
+  return np.where(reliable, 1.0 / np.sqrt(np.where(reliable, eigenvalues, 1.0)), 0.0)
 
 
 def _check_num_clusters(num_clusters, num_examples):

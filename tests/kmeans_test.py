@@ -4,6 +4,8 @@ The preprocessing is checked against float64 numpy and scikit-learn PCA, the clu
 own `faiss.Kmeans` run on the same preprocessed rows, and the labels against known blobs.
 """
 
+import logging
+
 import faiss
 import numpy as np
 import pytest
@@ -233,12 +235,20 @@ def test_too_few_rows_for_the_pca_raise():
   assert kmeans.assign_labels_kmeans(features, (4,), pca_dim=39).labels.shape == (1, 40)
 
 
-def test_features_spanning_fewer_directions_than_pca_dim_raise_when_whitening():
+def test_whitening_zeroes_the_components_of_features_of_lower_rank(caplog):
   rng = np.random.default_rng(0)
   features = (rng.normal(size=(500, 3)) @ rng.normal(size=(3, 16)) + 5.0).astype(np.float32)
-  with pytest.raises(ValueError, match=r"vary along only 3 directions .*fewer than the 8 .*pca_dim <= 3"):
-    kmeans.preprocess_features(features, pca_dim=8)
-  assert kmeans.preprocess_features(features, pca_dim=8, whiten=False).shape == (500, 8)
+  with caplog.at_level(logging.WARNING, logger="selabel_tf.kmeans"):
+    projected = kmeans._pca_project(features, pca_dim=8, whiten=True, pca_sample_size=None, seed=0)
+  assert "vary along only 3 of the 8 directions" in caplog.text
+  np.testing.assert_array_equal(projected[:, 3:], 0.0)
+  np.testing.assert_allclose(np.cov(projected[:, :3], rowvar=False, bias=True), np.eye(3), atol=1e-4)
+  preprocessed = kmeans.preprocess_features(features, pca_dim=8)
+  np.testing.assert_allclose(np.linalg.norm(preprocessed, axis=1), 1.0, rtol=1e-5)
+  assert not np.any(kmeans.preprocess_features(features, pca_dim=8, whiten=False)[:, :3] == 0.0)
+
+
+def test_equal_rows_raise():
   with pytest.raises(ValueError, match=r"every row is the same"):
     kmeans.preprocess_features(np.ones((50, 4), np.float32), pca_dim=2)
 

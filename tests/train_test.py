@@ -223,12 +223,13 @@ def test_every_config_field_is_a_flag_with_help():
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, make_npz):
-  """A 2-epoch bin/train run with its evaluation every epoch (the test suite's smoke run)."""
+  """A 2-epoch bin/train run with its evaluation at the end (the test suite's smoke run; evaluating every
+  epoch is tested in evaluation_test.py)."""
   dataset = make_npz(96, 20, 3)
   run_dir = tmp_path_factory.mktemp("smoke") / "run"
   result = _train_cli(f"--dataset={dataset}", f"--run_dir={run_dir}", "--architecture=resnet18",
                       "--heads=3,5", "--epochs=2", "--nopts=2", "--batch_size=16", "--probe_epochs=1",
-                      "--knn_k=3,10", "--eval_every_epochs=1", "--strategy=default")
+                      "--knn_k=3,10", "--strategy=default")
   assert result.returncode == 0, result.stderr[-3000:]
   return dataset, run_dir
 

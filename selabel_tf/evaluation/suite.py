@@ -127,6 +127,8 @@ def table(metrics: Dict[str, object]) -> str:
           "hungarian_accuracy")
       lines.append(f"  {head:<24} {get('nmi'):6.3f} {get('adjusted_nmi'):6.3f} {get('ari'):6.3f} "
                    f"{accuracy:6.3f} {int(get('size_min')):>6}..{int(get('size_max')):<7}")
+  if any(k.startswith("cluster_") for k in metrics):
+    lines.append("  (acc: Hungarian-matched where K <= classes, majority vote where K > classes)")
   seconds = [f"{k} {v:.1f}" for k, v in metrics.items() if k.endswith("_seconds")]
   if seconds:
     lines.append("seconds: " + ", ".join(seconds))
