@@ -29,14 +29,17 @@ def _base_type(annotation):
   return annotation
 
 
-def define_flags(config_class, flag_values: flags.FlagValues, *, skip: Sequence[str] = ()) -> List[str]:
-  """Defines one flag per field of `config_class` (its default, help and choices); returns the names."""
+def define_flags(config_class, flag_values: flags.FlagValues, *, only: Optional[Sequence[str]] = None,
+                 unset_default: bool = False) -> List[str]:
+  """Defines one flag per field of `config_class` (or of the fields `only`), with its help, choices and
+  default; `unset_default` makes every default None ("not given": e.g. keep a stored config's value).
+  Returns the names."""
   defaults = config_class()
   names = []
   for field in dataclasses.fields(config_class):
-    if field.name in skip:
+    if only is not None and field.name not in only:
       continue
-    default = getattr(defaults, field.name)
+    default = None if unset_default else getattr(defaults, field.name)
     help_text = field.metadata.get("help", field.name)
     choices = field.metadata.get("choices")
     kind = _base_type(field.type)
@@ -50,7 +53,7 @@ def define_flags(config_class, flag_values: flags.FlagValues, *, skip: Sequence[
     elif kind is float:
       flags.DEFINE_float(**common)
     elif isinstance(kind, tuple):
-      flags.DEFINE_list(**{**common, "default": [str(v) for v in default]})
+      flags.DEFINE_list(**{**common, "default": None if default is None else [str(v) for v in default]})
     else:
       flags.DEFINE_string(**common)
     names.append(field.name)
@@ -90,11 +93,13 @@ def config_from_flags(config_class, flag_values: flags.FlagValues):
 
 
 def help_text(program: str, doc: str, config_class, flag_values: flags.FlagValues,
-              extra: Optional[Dict[str, Sequence[str]]] = None) -> str:
-  """Usage, the program's docstring, then every flag with its help and default, grouped."""
+              extra: Optional[Dict[str, Sequence[str]]] = None,
+              fields: Optional[Sequence[str]] = None) -> str:
+  """Usage, the program's docstring, then every flag with its help and default, grouped: the flags of
+  `config_class`'s fields (or of `fields`) by their group, then the `extra` groups of other flags."""
   groups: Dict[str, List[str]] = {}
   for field in dataclasses.fields(config_class):
-    if field.name in flag_values:
+    if field.name in flag_values and (fields is None or field.name in fields):
       groups.setdefault(field.metadata.get("group", "options"), []).append(field.name)
   for group, names in (extra or {}).items():
     groups.setdefault(group, []).extend(names)
@@ -103,7 +108,7 @@ def help_text(program: str, doc: str, config_class, flag_values: flags.FlagValue
     lines.append(f"{group}:")
     for name in names:
       flag = flag_values[name]
-      default = flag.default_as_str if flag.default is not None else "None"
+      default = flag.default_as_str if flag.default is not None else "unset"
       lines.append(f"  --{name}: {flag.help} (default: {default})")
     lines.append("")
   return "\n".join(lines)
@@ -116,10 +121,11 @@ def fail(program: str, message: str):
 
 
 def parse_or_exit(program: str, doc: str, config_class, flag_values: flags.FlagValues,
-                  argv: Sequence[str], extra_groups=None):
-  """Parses argv into `flag_values`: help (exit 0) or a one-line error (exit 2) instead of absl's."""
+                  argv: Sequence[str], extra_groups=None, fields: Optional[Sequence[str]] = None):
+  """Parses argv into `flag_values`: help (exit 0, see `help_text`) or a one-line error (exit 2) instead
+  of absl's."""
   if any(arg in HELP_ARGS for arg in argv[1:]):
-    print(help_text(program, doc, config_class, flag_values, extra_groups))
+    print(help_text(program, doc, config_class, flag_values, extra_groups, fields))
     sys.exit(0)
   try:
     return flag_values(argv)
