@@ -133,7 +133,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
 
-  def _label_pass(self) -> inference.IndexedPass:
+  def _pass_runner(self) -> inference.IndexedPass:
     """The pass over the label-pass data on every replica, in inference mode: per example each head's
     log softmax (float32), or, for the K-means labeller, the model's "features" vector.
 
@@ -185,12 +185,12 @@ class SelfLabelCallback(keras.callbacks.Callback):
     """
     if self.label_model is not None:
       self._copy_weights_to_label_model()
-    label_pass = self._label_pass()
+    run_pass = self._pass_runner()
     total = None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
-      outputs = label_pass(ds, self.num_examples, verbose=self.verbose,
-                           description=f"SelfLabelCallback: label pass {pass_index + 1}/{self.num_passes}")
+      outputs = run_pass(ds, self.num_examples, verbose=self.verbose,
+                         description=f"SelfLabelCallback: label pass {pass_index + 1}/{self.num_passes}")
       if total is None:
         total = outputs
       else:
