@@ -100,6 +100,9 @@ class TrainConfig:
   labeller: str = option("sinkhorn", "sinkhorn (the paper) or kmeans (Table 8's baseline: K-means per "
                          "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
                          group=_LABELLING)
+  kmeans_pca_dim: int = option(256, "--labeller=kmeans: dimensions of the whitened PCA before K-means "
+                               "(DeepCluster: 256); must be below the number of examples.",
+                               group=_LABELLING)
   labeller_tol: float = option(labeller_lib.DEFAULT_TOL, "Sinkhorn tolerance (max cluster-size error).",
                                group=_LABELLING)
   labeller_max_iters: int = option(labeller_lib.DEFAULT_MAX_ITERS, "Sinkhorn iteration cap.",
@@ -163,6 +166,7 @@ class TrainConfig:
         (self.label_batch_size >= 0, f"--label_batch_size={self.label_batch_size} must be >= 0 "
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
+        (self.kmeans_pca_dim >= 1, f"--kmeans_pca_dim={self.kmeans_pca_dim} must be >= 1"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
         (self.eval_every_epochs >= 0, f"--eval_every_epochs={self.eval_every_epochs} must be >= 0 "
@@ -412,7 +416,14 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
 def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, label_model, chief: bool):
   """(the SelfLabelCallback, the evaluation callbacks, every callback of `fit` in order)."""
   tensorboard_dir = os.path.join(config.run_dir, "tensorboard")
-  labeller_options = ({"seed": config.seed} if config.labeller == "kmeans" else
+  if config.labeller == "kmeans":
+    dims = min(config.kmeans_pca_dim, int(model.backbone.output["features"].shape[-1]))
+    if inputs.dataset.num_examples <= dims:
+      raise ConfigError(f"--kmeans_pca_dim={config.kmeans_pca_dim}: the K-means labeller's PCA to {dims} "
+                        f"dimensions needs more than {dims} examples, --dataset={config.dataset} has "
+                        f"{inputs.dataset.num_examples}; pass --kmeans_pca_dim={inputs.dataset.num_examples - 1} or less")
+  labeller_options = ({"seed": config.seed, "pca_dim": config.kmeans_pca_dim}
+                      if config.labeller == "kmeans" else
                       {"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
                        "seed": config.seed})

@@ -131,6 +131,7 @@ def tiny_npz(make_npz):
     ("storage", ["--labeller_storage=int8"], "--labeller_storage=int8: value should be one of"),
     ("knn_k", ["--knn_k=10,many"], "--knn_k=10,many must be a comma list of int values"),
     ("probe_layers", ["--probe_layers=conv1,fc9"], "--probe_layers=conv1,fc9: fc9 is not a layer of"),
+    ("kmeans_pca_dim", ["--labeller=kmeans", "--batch_size=16"], "--kmeans_pca_dim=256: the K-means labeller's PCA to 256"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
   del name

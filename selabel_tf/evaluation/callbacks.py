@@ -306,7 +306,7 @@ class LinearProbeCallback(_EvaluationCallback):
 
   def _streamed(self, layers, strategy):
     train, truth = self.data.train, self.data.train_truth
-    batch_size = self.options.batch_size
+    batch_size = min(self.options.batch_size, train.num_examples)  # an epoch holds at least one batch
     config = train.augment_config(self.data.image_size, "paper")
     classes = tf.constant(np.asarray(truth.labels, np.int64))
     stream = pipeline.train_dataset(train, config, batch_size=batch_size, seed=self.data.seed)
