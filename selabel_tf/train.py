@@ -188,6 +188,10 @@ class TrainConfig:
         raise ConfigError(f"--{flag}={','.join(names)}: {', '.join(unknown)} is not a layer of "
                           f"--architecture={self.architecture}; allowed: {', '.join(layers)}")
 
+  def label_batch(self) -> int:
+    """The label pass's global batch: --label_batch_size, or 4 x --batch_size."""
+    return self.label_batch_size or 4 * self.batch_size
+
   def to_json(self):
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -281,7 +285,6 @@ class RunInputs:
   image_size: int
   train: tf.data.Dataset
   label_pass: object  # pass_index -> tf.data.Dataset
-  label_batch_size: int
   steps_per_epoch: int
   initial_epoch: int
   evaluation: Optional[eval_callbacks.EvaluationData]
@@ -356,14 +359,14 @@ def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunIn
   train_ds = pipeline.train_dataset(dataset, train_config, batch_size=config.batch_size,
                                     seed=config.seed, initial_epoch=initial_epoch)
   replicas = strategy.num_replicas_in_sync
-  label_batch = config.label_batch_size or 4 * config.batch_size
+  label_batch = config.label_batch()
   label_batch += -label_batch % replicas  # every replica gets an equal share of a full batch
 
   def label_pass(pass_index):
     return pipeline.label_pass_dataset(dataset, label_config, batch_size=label_batch, seed=config.seed,
                                        pass_index=pass_index)
 
-  return RunInputs(dataset, truth, image_size, train_ds, label_pass, label_batch,
+  return RunInputs(dataset, truth, image_size, train_ds, label_pass,
                    num_examples // config.batch_size, initial_epoch,
                    build_evaluation_data(config, image_size) if config.evaluate else None)
 
@@ -375,7 +378,7 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
   Raises:
     ConfigError: the dataset cannot be loaded, or a split has no class labels.
   """
-  label_batch = config.label_batch_size or 4 * config.batch_size
+  label_batch = config.label_batch()
   try:
     return suite.load_data(config.dataset, image_size=image_size or config.image_size,
                            batch_size=config.eval_batch_size or label_batch, train_split=config.split,
