@@ -28,6 +28,9 @@ from selabel_tf.modeling.sela import SelfLabelState
 logger = logging.getLogger(__name__)
 
 LABELLERS = ("sinkhorn", "kmeans")
+# Which heads a labelling re-assigns: every head, or one head in turn (head = labellings done mod T, as
+# the official CIFAR code's head = epoch mod T) while the others keep their labels.
+RELABEL_HEADS = ("all", "cyclic")
 
 
 def with_self_labels(dataset: tf.data.Dataset, state: SelfLabelState) -> tf.data.Dataset:
@@ -59,6 +62,14 @@ class SelfLabelCallback(keras.callbacks.Callback):
       returning a dict with "features", as `SelaModel` does; `lam` is not used).
     labeller_options: keyword arguments for `labeller.assign_labels` (tol, max_iters, balance, seed,
       storage_dtype, ...), or for `kmeans.assign_labels_kmeans` (pca_dim, num_iterations, seed).
+    cold_start_labeller: the labeller of the first labelling (no warm start: the untrained network);
+      None (the default): `labeller`. "kmeans" starts from K-means on the untrained network's
+      features, a balanced-enough first labelling where the argmax of an untrained network's flat Q
+      collapses; the later labellings are `labeller`'s. K-means then uses `cold_start_options`.
+    cold_start_options: keyword arguments of `kmeans.assign_labels_kmeans` for a K-means cold start
+      (default: seed 0).
+    relabel_heads: "all" (every head at every labelling) or "cyclic" (one head per labelling, head
+      m mod T at the m-th, 0-based; the other heads' labels and alpha stay bitwise as they were).
     cold_start_balance: the labeller's `balance` for a labelling without a warm start (the first of a
       run, on the untrained network); None (the default) keeps `labeller_options`' balance. An
       untrained network's Q is nearly flat and its argmax collapses (on Fashion-MNIST at step 0 the
@@ -84,6 +95,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
                num_passes: int = 1,
                labeller: str = "sinkhorn",
                labeller_options: Optional[dict] = None,
+               relabel_heads: str = "all",
+               cold_start_labeller: Optional[str] = None,
+               cold_start_options: Optional[dict] = None,
                cold_start_balance: Optional[str] = None,
                label_model: Optional[keras.Model] = None,
                log_dir: Optional[str] = None,
@@ -103,7 +117,19 @@ class SelfLabelCallback(keras.callbacks.Callback):
     if labeller not in LABELLERS:
       raise ValueError(f"SelfLabelCallback: labeller must be one of {LABELLERS}, got {labeller!r}")
     self.labeller = labeller
+    if cold_start_labeller is not None and cold_start_labeller not in LABELLERS:
+      raise ValueError(f"SelfLabelCallback: cold_start_labeller must be None or one of {LABELLERS}, got "
+                       f"{cold_start_labeller!r}")
+    if labeller == "kmeans" and cold_start_labeller not in (None, "kmeans"):
+      raise ValueError("SelfLabelCallback: with labeller='kmeans' the cold start is K-means too; got "
+                       f"cold_start_labeller={cold_start_labeller!r}")
+    self.cold_start_labeller = cold_start_labeller or labeller
+    self.cold_start_options = dict(cold_start_options or {})
     self.labeller_options = dict(labeller_options or {})
+    if relabel_heads not in RELABEL_HEADS:
+      raise ValueError(f"SelfLabelCallback: relabel_heads must be one of {RELABEL_HEADS}, got "
+                       f"{relabel_heads!r}")
+    self.relabel_heads = relabel_heads
     if cold_start_balance is not None and cold_start_balance not in sinkhorn_labeller.BALANCE_MODES:
       raise ValueError(f"SelfLabelCallback: cold_start_balance must be None or one of "
                        f"{sinkhorn_labeller.BALANCE_MODES}, got {cold_start_balance!r}")
@@ -126,14 +152,19 @@ class SelfLabelCallback(keras.callbacks.Callback):
       self.state = getattr(model, "label_state", None)
     if self.state is None:
       raise ValueError("SelfLabelCallback: the model has no label_state; pass num_clusters=(K_0, ...)")
-    if self.labeller == "kmeans" and not callable(getattr(self.label_model or model, "features", None)):
-      raise ValueError("SelfLabelCallback: labeller='kmeans' needs a model with a features(images) method "
+    if "kmeans" in (self.labeller, self.cold_start_labeller) and not callable(
+        getattr(self.label_model or model, "features", None)):
+      raise ValueError("SelfLabelCallback: labeller='kmeans' (or cold_start_labeller) needs a model with a features(images) method "
                        "returning {'features': [B, D], ...} (e.g. SelaModel)")
     if self.state.num_examples != self.num_examples:
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
 
-  def _pass_runner(self) -> inference.IndexedPass:
+  def labeller_due(self) -> str:
+    """The labeller of the next labelling: `cold_start_labeller` for the first, else `labeller`."""
+    return self.cold_start_labeller if self.state.labellings_done() == 0 else self.labeller
+
+  def _pass_runner(self, labeller: str) -> inference.IndexedPass:
     """The pass over the label-pass data on every replica, in inference mode: per example each head's
     log softmax (float32), or, for the K-means labeller, the model's "features" vector.
 
@@ -143,8 +174,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
     speed; the log softmax is taken in float32.
     """
     model = self.label_model or self.model
-    if getattr(self, "_pass", None) is None or self._pass_model is not model:
-      if self.labeller == "kmeans":
+    if getattr(self, "_passes", None) is None or self._pass_model is not model:
+      self._passes, self._pass_model = {}, model
+    if labeller not in self._passes:
+      if labeller == "kmeans":
 
         def replica_step(batch):
           return batch["index"], tf.cast(model.features(batch["image"], training=False)["features"],
@@ -156,9 +189,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
           logits = logits if isinstance(logits, (list, tuple)) else [logits]
           return batch["index"], [tf.nn.log_softmax(tf.cast(head, tf.float32)) for head in logits]
 
-      self._pass_model = model
-      self._pass = inference.IndexedPass(self.model.distribute_strategy, replica_step)
-    return self._pass
+      self._passes[labeller] = inference.IndexedPass(self.model.distribute_strategy, replica_step)
+    return self._passes[labeller]
 
   def _due(self) -> bool:
     done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
@@ -174,7 +206,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
     if logs is not None:
       logs.update(self.last_metrics)
 
-  def collect_log_probs(self):
+  def collect_log_probs(self, labeller: Optional[str] = None):
     """One pass (or the average of `num_passes`) over the label-pass data, by example index: T arrays
     [N, K_t] float32 of log softmax per head (Sinkhorn-Knopp), or the "features" float32 [N, D]
     (K-means).
@@ -185,7 +217,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
     """
     if self.label_model is not None:
       self._copy_weights_to_label_model()
-    run_pass = self._pass_runner()
+    run_pass = self._pass_runner(labeller or self.labeller)
     total = None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
@@ -209,16 +241,28 @@ class SelfLabelCallback(keras.callbacks.Callback):
     for s, t in zip(source, target):
       t.assign(s)
 
+  def heads_due(self) -> list:
+    """The heads the next labelling re-assigns (see `relabel_heads`)."""
+    num_heads = len(self.state.num_clusters)
+    if self.relabel_heads == "cyclic":
+      return [self.state.labellings_done() % num_heads]
+    return list(range(num_heads))
+
   def relabel(self):
-    """Runs the label pass and the labeller now, and stores the new labels."""
+    """Runs the label pass and the labeller now, and stores the new labels of the heads due."""
     start = time.perf_counter()
-    pass_outputs = self.collect_log_probs()  # log-probs per head, or for K-means the features
+    labeller = self.labeller_due()
+    pass_outputs = self.collect_log_probs(labeller)  # log-probs per head, or for K-means the features
     pass_seconds = time.perf_counter() - start
     previous = self.state.current_labels()
-    if self.labeller == "kmeans":
+    heads = self.heads_due()
+    num_clusters = [self.state.num_clusters[t] for t in heads]
+    if labeller == "kmeans":
       from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
-      result = kmeans.assign_labels_kmeans(pass_outputs, self.state.num_clusters, **self.labeller_options)
-      labels, log_alpha = result.labels, [np.zeros(k) for k in self.state.num_clusters]
+      options = dict(self.labeller_options if self.labeller == "kmeans" else self.cold_start_options)
+      options["seed"] = options.get("seed", 0) + heads[0]  # a head keeps its seed stream when cyclic
+      result = kmeans.assign_labels_kmeans(pass_outputs, num_clusters, **options)
+      new_labels, new_log_alpha = result.labels, [np.zeros(k) for k in num_clusters]
       solver_metrics = {"selabel_kmeans_inertia": float(np.mean(result.inertia))}
       solver_log = f"K-means inertia {np.round(result.inertia, 4).tolist()}"
     else:
@@ -226,15 +270,21 @@ class SelfLabelCallback(keras.callbacks.Callback):
       options = dict(self.labeller_options)
       if warm_start is None and self.cold_start_balance is not None:
         options["balance"] = self.cold_start_balance
-      result = sinkhorn_labeller.assign_labels(pass_outputs, self.lam, warm_start=warm_start, **options)
-      labels, log_alpha = result.labels, result.log_row_scale
+      result = sinkhorn_labeller.assign_labels(
+          [pass_outputs[t] for t in heads], self.lam,
+          warm_start=None if warm_start is None else [warm_start[t] for t in heads], **options)
+      new_labels, new_log_alpha = result.labels, result.log_row_scale
       solver_metrics = {"selabel_iterations": float(np.mean(result.iterations)),
                         "selabel_marginal_error": float(np.max(result.marginal_error))}
       solver_log = (f"Sinkhorn iterations {result.iterations.tolist()}, marginal error "
                     f"{solver_metrics['selabel_marginal_error']:.3g}")
-    self.state.assign(labels, log_alpha)
+    labels = previous.copy()
+    log_alpha = [None] * len(self.state.num_clusters)
+    for i, t in enumerate(heads):
+      labels[t], log_alpha[t] = new_labels[i], new_log_alpha[i]
+    self.state.assign(labels, log_alpha, heads=heads)
     seconds = time.perf_counter() - start
-    sizes = [np.bincount(labels[t], minlength=k) for t, k in enumerate(self.state.num_clusters)]
+    sizes = [np.bincount(labels[t], minlength=self.state.num_clusters[t]) for t in heads]
     metrics = {
         **solver_metrics,
         "selabel_seconds": seconds,
@@ -246,9 +296,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
     self.last_metrics = metrics
     step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
     logger.info(
-        "self-labelling %d (%s) at step %d: %.1f s (pass %.1f s), %s, labels changed per head %s, "
-        "cluster sizes %d..%d",
-        int(keras.ops.convert_to_numpy(self.state.num_labellings)), self.labeller, step, seconds,
+        "self-labelling %d (%s, heads %s) at step %d: %.1f s (pass %.1f s), %s, labels changed per head "
+        "%s, cluster sizes %d..%d",
+        self.state.labellings_done(), labeller, heads, step, seconds,
         pass_seconds, solver_log, np.round(np.mean(labels != previous, axis=1), 4).tolist(),
         metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"])
     if self._writer is not None:

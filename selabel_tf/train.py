@@ -72,8 +72,14 @@ class TrainConfig:
   image_size: Optional[int] = option(None, "Model input side (default: the dataset's).", group=_DATA)
   imbalance: str = option("none", "Imbalanced train subset (paper Table 8).",
                           choices=sources.IMBALANCE_MODES, group=_DATA)
+  train_subset: int = option(0, "Train on a random subset of this many examples of --split (0: all), "
+                             "e.g. to screen a recipe quickly.", group=_DATA)
   architecture: str = option("alexnet_small", "Backbone.", choices=backbones.BACKBONES, group=_MODEL)
   heads: str = option("10x2", "Heads: KxT (e.g. 128x10) or K1,K2,... (e.g. 128,256).", group=_MODEL)
+  supervised: bool = option(False, "Train one head on the dataset's class labels instead of self-labels, "
+                            "through the same train step and evaluation (the supervised reference of "
+                            "paper Table 8; --heads and the self-labelling flags are not used).",
+                            group=_MODEL)
   lam: float = option(10.0, "Lambda of the Sinkhorn-Knopp labeller (> 0).", group=_LABELLING)
   epochs: int = option(4, "Training epochs.", group=_OPTIMISATION)
   batch_size: int = option(256, "Global batch size.", group=_OPTIMISATION)
@@ -90,6 +96,9 @@ class TrainConfig:
                              group=_DATA)
   label_augmentation: bool = option(True, "Label on augmented images (the paper) or not.",
                                     group=_LABELLING)
+  relabel_heads: str = option("all", "Heads re-assigned per labelling: all, or cyclic (one head in turn, "
+                              "as the official CIFAR code).", choices=callbacks_lib.RELABEL_HEADS,
+                              group=_LABELLING)
   label_passes: int = option(1, "Label passes averaged per labelling.", group=_LABELLING)
   label_batch_size: int = option(0, "Global batch of the label pass (inference only; 0: 4 x --batch_size).",
                                  group=_LABELLING)
@@ -100,6 +109,10 @@ class TrainConfig:
   labeller: str = option("sinkhorn", "sinkhorn (the paper) or kmeans (Table 8's baseline: K-means per "
                          "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
                          group=_LABELLING)
+  cold_start_labeller: str = option(
+      "same", "Labeller of the first labelling, on the untrained network: same (as --labeller) or "
+      "kmeans (K-means on its features, where the argmax of its flat predictions collapses).",
+      choices=("same",) + callbacks_lib.LABELLERS, group=_LABELLING)
   kmeans_pca_dim: int = option(256, "--labeller=kmeans: dimensions of the whitened PCA before K-means "
                                "(DeepCluster: 256); must be below the number of examples.",
                                group=_LABELLING)
@@ -159,6 +172,7 @@ class TrainConfig:
     checks = [
         (self.lam > 0 and math.isfinite(self.lam), f"--lam={self.lam} must be > 0"),
         (self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
+        (self.train_subset >= 0, f"--train_subset={self.train_subset} must be >= 0 (0: all examples)"),
         (self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1"),
         (self.nopts >= 1, f"--nopts={self.nopts} must be >= 1"),
         (self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0"),
@@ -167,6 +181,9 @@ class TrainConfig:
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.kmeans_pca_dim >= 1, f"--kmeans_pca_dim={self.kmeans_pca_dim} must be >= 1"),
+        (self.labeller != "kmeans" or self.cold_start_labeller in ("same", "kmeans"),
+         f"--cold_start_labeller={self.cold_start_labeller} with --labeller=kmeans: the K-means labeller "
+         f"starts with K-means; use same"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
         (self.eval_every_epochs >= 0, f"--eval_every_epochs={self.eval_every_epochs} must be >= 0 "
@@ -187,6 +204,14 @@ class TrainConfig:
       if unknown:
         raise ConfigError(f"--{flag}={','.join(names)}: {', '.join(unknown)} is not a layer of "
                           f"--architecture={self.architecture}; allowed: {', '.join(layers)}")
+
+  def head_sizes(self, num_classes: Optional[int] = None) -> Tuple[int, ...]:
+    """K per head: --heads, or with --supervised one head of the dataset's `num_classes`."""
+    if self.supervised:
+      if num_classes is None:
+        raise ConfigError(f"--supervised needs class labels, and --dataset={self.dataset} has none")
+      return (int(num_classes),)
+    return heads_lib.parse_heads(self.heads)
 
   def label_batch(self) -> int:
     """The label pass's global batch: --label_batch_size, or 4 x --batch_size."""
@@ -337,13 +362,13 @@ def build_strategy(config: TrainConfig, strategy: Optional[tf.distribute.Strateg
 
 def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunInputs:
   """Loads the dataset and makes the training and label-pass pipelines (and the evaluation splits)."""
-  num_clusters = heads_lib.parse_heads(config.heads)
   try:
     dataset, truth = sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
                                   download=config.download, image_size=config.image_size,
-                                  imbalance=config.imbalance, seed=config.seed)
+                                  imbalance=config.imbalance, subset=config.train_subset, seed=config.seed)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"--dataset={config.dataset}: {e}") from None
+  num_clusters = config.head_sizes(None if truth is None else truth.num_classes)
   num_examples = dataset.num_examples
   for t, k in enumerate(num_clusters):
     if k >= num_examples:
@@ -383,7 +408,7 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
     return suite.load_data(config.dataset, image_size=image_size or config.image_size,
                            batch_size=config.eval_batch_size or label_batch, train_split=config.split,
                            test_split=config.eval_split, data_dir=config.data_dir,
-                           imbalance=config.imbalance, seed=config.seed)
+                           imbalance=config.imbalance, subset=config.train_subset, seed=config.seed)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"--evaluate: {e}; pass --noevaluate, or a labelled --eval_split") from None
 
@@ -404,22 +429,24 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
   if config.mixed_precision:
     gpus = tf.config.list_logical_devices("GPU")
     keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
-  num_clusters = heads_lib.parse_heads(config.heads)
+  num_clusters = config.head_sizes(None if inputs.truth is None else inputs.truth.num_classes)
   with strategy.scope():
     model = SelaModel(config.architecture, (inputs.image_size, inputs.image_size, inputs.dataset.channels),
-                      num_clusters, inputs.dataset.num_examples, name="sela")
+                      num_clusters, inputs.dataset.num_examples, label_seed=config.seed, name="sela")
     model.build()
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, inputs.steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay)
     model.compile_for_self_labelling(optimizer)
     label_model = model.label_pass_twin(config.label_pass_precision)
+  if config.supervised:  # the class labels stand in for the self-labels, and are never relabelled
+    model.label_state.assign(inputs.truth.labels[None].astype(np.int32), [np.zeros(num_clusters[0])])
   return model, label_model
 
 
 def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, label_model, chief: bool):
   """(the SelfLabelCallback, the evaluation callbacks, every callback of `fit` in order)."""
   tensorboard_dir = os.path.join(config.run_dir, "tensorboard")
-  if config.labeller == "kmeans":
+  if "kmeans" in (config.labeller, config.cold_start_labeller):
     dims = min(config.kmeans_pca_dim, int(model.backbone.output["features"].shape[-1]))
     if inputs.dataset.num_examples <= dims:
       raise ConfigError(f"--kmeans_pca_dim={config.kmeans_pca_dim}: the K-means labeller's PCA to {dims} "
@@ -430,11 +457,15 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
                       {"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
                        "seed": config.seed})
-  self_label = callbacks_lib.SelfLabelCallback.with_schedule(
-      inputs.label_pass, inputs.dataset.num_examples, config.lam,
-      total_steps=inputs.steps_per_epoch * config.epochs, num_labellings=config.nopts,
-      spacing=config.labelling_spacing, num_passes=config.label_passes, labeller=config.labeller,
-      labeller_options=labeller_options,
+  # --supervised: the class labels stay; a callback that never labels keeps the run's shape.
+  steps = [] if config.supervised else schedule_lib.labelling_steps(
+      inputs.steps_per_epoch * config.epochs, config.nopts, config.labelling_spacing)
+  self_label = callbacks_lib.SelfLabelCallback(
+      inputs.label_pass, inputs.dataset.num_examples, config.lam, steps,
+      num_passes=config.label_passes, labeller=config.labeller,
+      labeller_options=labeller_options, relabel_heads=config.relabel_heads,
+      cold_start_labeller=None if config.cold_start_labeller == "same" else config.cold_start_labeller,
+      cold_start_options={"seed": config.seed, "pca_dim": config.kmeans_pca_dim},
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
       label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
@@ -483,7 +514,7 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
                 metrics.get("knn_seconds", 0.0), metrics.get("probe_seconds", 0.0),
                 metrics.get("cluster_seconds", 0.0), metrics["evaluation_pass_seconds"],
                 metrics["seconds_per_epoch"])
-  if inputs.truth is not None:
+  if inputs.truth is not None and not config.supervised:  # supervised: the labels are the truth
     from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
     metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]
     metrics["ari"] = [float(sk_metrics.adjusted_rand_score(inputs.truth.labels, l)) for l in labels]

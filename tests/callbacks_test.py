@@ -125,3 +125,75 @@ def test_label_pass_twin_only_for_another_policy():
   twin = model.label_pass_twin("mixed_bfloat16")
   assert twin.backbone.get_layer("conv2_conv").compute_dtype == "bfloat16"
   assert [tuple(w.shape) for w in twin.weights] == [tuple(w.shape) for w in model.weights]
+
+
+# --------------------------------------------------------------------------------------------------
+# Initial labels and which heads a labelling re-assigns
+
+
+def test_initial_labels_are_a_random_equipartition_per_seed_and_head():
+  from selabel_tf.modeling import sela  # pylint: disable=g-import-not-at-top
+  labels = sela.initial_labels(1003, 10, seed=0, head=0)
+  assert labels.dtype == np.int32 and labels.shape == (1003,)
+  assert sorted(np.bincount(labels, minlength=10).tolist()) == [100] * 7 + [101] * 3  # exact
+  np.testing.assert_array_equal(labels, sela.initial_labels(1003, 10, seed=0, head=0))
+  assert np.mean(labels == np.arange(1003) % 10) < 0.2  # shuffled, not index mod K
+  assert np.mean(labels == sela.initial_labels(1003, 10, seed=1, head=0)) < 0.2
+  assert np.mean(labels == sela.initial_labels(1003, 10, seed=0, head=1)) < 0.2
+
+
+def test_sela_model_starts_from_its_seeds_random_equipartition():
+  from selabel_tf.modeling import sela  # pylint: disable=g-import-not-at-top
+  model = SelaModel("alexnet_small", SHAPE, (5, 3), 300, label_seed=7, name="sela")
+  model.build()
+  start = model.label_state.current_labels()
+  for t, k in enumerate((5, 3)):
+    np.testing.assert_array_equal(start[t], sela.initial_labels(300, k, seed=7, head=t))
+  clone = SelaModel.from_config(model.get_config())
+  np.testing.assert_array_equal(clone.label_state.current_labels(), start)
+
+
+def test_cyclic_relabelling_relabels_one_head_in_turn_and_leaves_the_others_bitwise():
+  num_clusters = (4, 5, 6)
+  images = np.random.default_rng(0).normal(size=(300,) + SHAPE).astype(np.float32)
+  keras.utils.set_random_seed(0)
+  model = SelaModel("alexnet_small", SHAPE, num_clusters, 300, name="sela")
+  model.build()
+  model.compile_for_self_labelling(keras.optimizers.SGD(0.1))
+  _perturb(model)
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images, 64), 300, 10.0, steps=[0], verbose=0,
+                                             relabel_heads="cyclic")
+  callback.set_model(model)
+  state = model.label_state
+  for m in range(5):
+    before_labels = state.current_labels()
+    before_alpha = [np.array(v) for v in state.log_alpha]
+    due = callback.heads_due()
+    assert due == [m % 3]
+    result = callback.relabel()
+    after = state.current_labels()
+    for t in range(3):
+      if t == m % 3:
+        np.testing.assert_array_equal(after[t], result.labels[0])  # the labeller's labels of head t
+        np.testing.assert_array_equal(np.array(state.log_alpha[t]), np.float32(result.log_row_scale[0]))
+      else:
+        np.testing.assert_array_equal(after[t], before_labels[t])
+        np.testing.assert_array_equal(np.array(state.log_alpha[t]), before_alpha[t])
+    assert state.labellings_done() == m + 1
+
+
+def test_all_heads_relabelling_writes_every_head():
+  images = np.random.default_rng(0).normal(size=(300,) + SHAPE).astype(np.float32)
+  model = _sela_model()
+  _perturb(model)
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images, 64), 300, 10.0, steps=[0], verbose=0)
+  callback.set_model(model)
+  assert callback.heads_due() == [0, 1]
+  result = callback.relabel()
+  np.testing.assert_array_equal(model.label_state.current_labels(), result.labels)
+
+
+def test_bad_relabel_heads_raises():
+  with pytest.raises(ValueError, match=r"relabel_heads must be one of \('all', 'cyclic'\), got 'one'"):
+    callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
+                                    num_clusters=(2,), relabel_heads="one")

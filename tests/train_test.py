@@ -132,6 +132,9 @@ def tiny_npz(make_npz):
     ("knn_k", ["--knn_k=10,many"], "--knn_k=10,many must be a comma list of int values"),
     ("probe_layers", ["--probe_layers=conv1,fc9"], "--probe_layers=conv1,fc9: fc9 is not a layer of"),
     ("kmeans_pca_dim", ["--labeller=kmeans", "--batch_size=16"], "--kmeans_pca_dim=256: the K-means labeller's PCA to 256"),
+    ("cold_kmeans_pca_dim", ["--cold_start_labeller=kmeans", "--batch_size=16"],
+     "--kmeans_pca_dim=256: the K-means labeller's PCA to 256"),
+    ("train_subset", ["--train_subset=65"], "subset=65 must be between 1 and the 64 examples"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
   del name
@@ -150,6 +153,10 @@ def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_
     (["--eval_every_epochs=-1"], "--eval_every_epochs=-1 must be >= 0"),
     (["--architecture=resnet18", "--knn_layer=conv3"], "--knn_layer=conv3: conv3 is not a layer"),
     (["--lr_drops=two"], "--lr_drops=two must be a comma list of int values"),
+    (["--relabel_heads=some"], "--relabel_heads=some: value should be one of"),
+    (["--cold_start_labeller=spectral"], "--cold_start_labeller=spectral: value should be one of"),
+    (["--labeller=kmeans", "--cold_start_labeller=sinkhorn"], "--cold_start_labeller=sinkhorn with --labeller=kmeans"),
+    (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
 ])
 def test_flag_values_that_are_not_allowed_name_the_flag(flags, needle):
   """The same path as bin/train (flags from TrainConfig's table, then validate), in this process; the
@@ -331,3 +338,42 @@ def test_run_leaves_the_dtype_policy_as_it_found_it(make_npz, tmp_path):
                              evaluate=False, strategy="default")
   train.run(config)
   assert keras.mixed_precision.global_policy().name == before == "float32"
+
+
+def test_the_default_config_smoke_run_writes_a_complete_run_dir(tmp_path):
+  """configs/fashion_mnist.cfg as the README's first command runs it, shortened: a 1,024-image subset of the
+  real Fashion-MNIST, one epoch; the run directory and metrics.json are complete."""
+  run_dir = tmp_path / "run"
+  result = _train_cli("--flagfile=" + os.path.join(ROOT, "configs", "fashion_mnist.cfg"), f"--run_dir={run_dir}",
+                      "--train_subset=1024", "--epochs=1", "--probe_epochs=1", "--eval_batch_size=512")
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("config.json", "flags.txt", "labels.npz", "final.weights.h5", "metrics.json"):
+    assert (run_dir / name).is_file(), name
+  with open(run_dir / "metrics.json") as f:
+    metrics = json.load(f)
+  with open(run_dir / "config.json") as f:
+    config = json.load(f)
+  heads = len(config["heads"].split(","))
+  layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "features"]
+  expected = ([f"knn_top1/features/k={k}" for k in (10, 50, 200)] + ["probe_best_layer", "evaluation_seconds",
+              "seconds_per_epoch", "train_seconds", "nmi", "ari", "selabel_seconds"]
+              + [f"probe_test_top1/{layer}" for layer in layers]
+              + [f"cluster_{s}/head_{t}/nmi" for s in ("selabel", "test") for t in range(heads)])
+  missing = [k for k in expected if k not in metrics]
+  assert not missing, missing
+  assert metrics["num_examples"] == 1024 and len(metrics["nmi"]) == heads
+  labels = np.load(run_dir / "labels.npz")["labels"]
+  assert labels.shape == (heads, 1024)
+
+
+def test_supervised_trains_one_head_on_the_classes_and_never_relabels(make_npz, tmp_path):
+  dataset = make_npz(64, 20, 3)
+  run_dir = tmp_path / "run"
+  metrics = train.run(train.TrainConfig(dataset=dataset, run_dir=str(run_dir), supervised=True, heads="7,9",
+                                        architecture="alexnet_small", epochs=2, batch_size=16,
+                                        probe_epochs=1, knn_k=(3,), strategy="default"))
+  truth = np.load(dataset)["labels"]
+  labels = np.load(run_dir / "labels.npz")["labels"]
+  np.testing.assert_array_equal(labels, truth[None])  # one head, K = 3 classes, the class labels
+  assert "nmi" not in metrics and "selabel_seconds" not in metrics
+  assert "cluster_test/head_0/nmi" in metrics and "cluster_test/head_1/nmi" not in metrics

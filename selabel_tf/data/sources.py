@@ -7,8 +7,9 @@ Self-labelling looks labels up by example index, so every example carries a stab
 * IDX files (`*-images-idx3-ubyte.gz`): the position in the file.
 * image folders: the position in the sorted list of relative paths (see `image_folder`).
 * .npz: the row.
-* imbalanced subsets (paper Table 8): the kept examples are re-indexed 0..N'-1 in their original order;
-  `Dataset.original_index` maps back. The subset is a function of the seed, so restarts see the same.
+* imbalanced subsets (paper Table 8) and random subsets (for screening): the kept examples are re-indexed
+  0..N'-1 in their original order; `Dataset.original_index` maps back. A subset is a function of the
+  seed, so restarts see the same.
 
 Shuffling and sharding happen downstream (`selabel_tf.data.pipeline`) on these indices, so the index of
 an example never depends on them.
@@ -123,6 +124,7 @@ def load(source: str,
          holdout_fraction: Optional[float] = None,
          imbalance: str = "none",
          imbalance_class: Optional[int] = None,
+         subset: Optional[int] = None,
          seed: int = 0,
          on_bad: str = "error",
          cache_bytes: int = DEFAULT_CACHE_BYTES) -> Tuple[Dataset, Optional[GroundTruth]]:
@@ -140,6 +142,8 @@ def load(source: str,
     imbalance: "none", "light" (remove 50% of one class) or "heavy" (remove 10% of the first class,
       20% of the second, ... capped at 90%): the imbalanced CIFAR-10 subsets of paper Table 8.
     imbalance_class: the class that "light" halves (default: the last one, truck in CIFAR-10).
+    subset: keep a random subset of this many examples (after any imbalance; None or 0: all), chosen
+      without looking at the classes, for quick screening runs.
     seed: seed of the imbalance subset and of the holdout split.
     on_bad: image folders: "error" (default) or "skip" unreadable images (one warning lists them).
     cache_bytes: tfds splits of at most this many decoded bytes are cached in memory; larger ones
@@ -172,7 +176,27 @@ def load(source: str,
     if truth is None:
       raise ValueError(f"imbalance={imbalance!r} needs class labels, and {source!r} has none")
     dataset, truth = imbalanced_subset(dataset, truth, imbalance, imbalance_class, seed)
+  if subset:
+    dataset, truth = random_subset(dataset, truth, subset, seed)
   return dataset, truth
+
+
+def random_subset(dataset: Dataset, truth: Optional[GroundTruth], size: int,
+                  seed: int = 0) -> Tuple[Dataset, Optional[GroundTruth]]:
+  """`size` examples drawn uniformly without replacement (a function of `seed`), re-indexed 0..size-1
+  in their original order; the classes are not looked at.
+
+  Raises:
+    ValueError: `size` is not in [1, N], or the dataset is streamed.
+  """
+  if not 1 <= size <= dataset.num_examples:
+    raise ValueError(f"subset={size} must be between 1 and the {dataset.num_examples} examples of "
+                     f"{dataset.name!r}")
+  if dataset.streamed:
+    raise ValueError(f"subset={size}: dataset {dataset.name!r} is streamed; subsets need it cached in memory")
+  kept = np.sort(np.random.default_rng([seed, 1]).choice(dataset.num_examples, size=size, replace=False))
+  subset = dataclasses.replace(dataset, images=dataset.images[kept], original_index=dataset.original_index[kept])
+  return subset, (None if truth is None else dataclasses.replace(truth, labels=truth.labels[kept]))
 
 
 def imbalanced_subset(dataset: Dataset, truth: GroundTruth, mode: str,

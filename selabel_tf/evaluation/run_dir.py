@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from selabel_tf import train
 from selabel_tf.evaluation import suite
-from selabel_tf.modeling import heads as heads_lib
 from selabel_tf.modeling.sela import SelaModel
 
 EVALUATION_FILE = "evaluation.json"
@@ -79,10 +78,10 @@ def evaluate_run_dir(run_dir: str, *, random_init: bool = False, output: Optiona
   keras.utils.set_random_seed(config.seed)
   strategy = strategy or train.make_strategy(config.strategy)
   data = train.build_evaluation_data(config)
-  num_clusters = heads_lib.parse_heads(config.heads)
+  num_clusters = config.head_sizes(data.train_truth.num_classes)
   with strategy.scope():
     model = SelaModel(config.architecture, (data.image_size, data.image_size, data.train.channels),
-                      num_clusters, data.train.num_examples, name="sela")
+                      num_clusters, data.train.num_examples, label_seed=config.seed, name="sela")
     model.build()
     if path is not None:
       model.load_weights(path)

@@ -10,7 +10,7 @@ of the cross-entropy (paper eq. 1 with T heads, sec. 3.5), through Keras' own tr
 distribution, loss scaling and metrics are Keras'.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
@@ -25,18 +25,25 @@ class SelfLabelState(keras.layers.Layer):
   """Self-labels and labeller state, as checkpointed non-trainable weights.
 
   Weights:
-    labels_{t}: int32 [N], head t's label of each example (initially example index mod K_t).
+    labels_{t}: int32 [N], head t's label of each example; initially `initial_labels(N, K_t, seed, t)`,
+      a random equipartition, as the official code starts.
     log_alpha_{t}: float32 [K_t], head t's log alpha from the last labelling.
     num_labellings: int32 scalar, labellings done so far (the schedule position).
+
+  Args:
+    num_examples: N.
+    num_clusters: (K_0, ..., K_{T-1}).
+    seed: seed of the initial labels (head t draws from the stream (seed, t)).
   """
 
-  def __init__(self, num_examples: int, num_clusters: Sequence[int], **kwargs):
+  def __init__(self, num_examples: int, num_clusters: Sequence[int], seed: int = 0, **kwargs):
     super().__init__(trainable=False, **kwargs)
     self.num_examples = int(num_examples)
     self.num_clusters = tuple(int(k) for k in num_clusters)
+    self.seed = int(seed)
     self.labels, self.log_alpha = [], []
     for t, k in enumerate(self.num_clusters):
-      initial = np.arange(self.num_examples) % k
+      initial = initial_labels(self.num_examples, k, self.seed, t)
       self.labels.append(self.add_weight(
           name=f"labels_{t}", shape=(self.num_examples,), dtype="int32", trainable=False,
           initializer=lambda shape, dtype, initial=initial: tf.constant(initial, dtype)))
@@ -51,9 +58,11 @@ class SelfLabelState(keras.layers.Layer):
     the model's outputs, so that Keras matches targets to outputs)."""
     return [tf.gather(labels, index) for labels in self.labels]
 
-  def assign(self, labels: np.ndarray, log_alpha: Sequence[np.ndarray]):
-    """Stores a labelling (int [T, N] and T log alpha vectors) and counts it."""
-    for t in range(len(self.num_clusters)):
+  def assign(self, labels: np.ndarray, log_alpha: Sequence[np.ndarray],
+             heads: Optional[Sequence[int]] = None):
+    """Stores a labelling and counts it: labels int [T, N] and T log alpha vectors, of which only the
+    rows of `heads` (default: all) are written; the other heads keep theirs."""
+    for t in range(len(self.num_clusters)) if heads is None else heads:
       self.labels[t].assign(np.asarray(labels[t], np.int32))
       self.log_alpha[t].assign(np.asarray(log_alpha[t], np.float32))
     self.num_labellings.assign_add(1)
@@ -61,16 +70,27 @@ class SelfLabelState(keras.layers.Layer):
   def current_labels(self) -> np.ndarray:
     return np.stack([np.asarray(keras.ops.convert_to_numpy(v)) for v in self.labels])
 
+  def labellings_done(self) -> int:
+    return int(keras.ops.convert_to_numpy(self.num_labellings))
+
   def warm_start(self):
     """The log alpha vectors to continue from, or None before the first labelling."""
-    if int(keras.ops.convert_to_numpy(self.num_labellings)) == 0:
+    if self.labellings_done() == 0:
       return None
     return [np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in self.log_alpha]
 
   def get_config(self):
     config = super().get_config()
-    config.update(num_examples=self.num_examples, num_clusters=list(self.num_clusters))
+    config.update(num_examples=self.num_examples, num_clusters=list(self.num_clusters), seed=self.seed)
     return config
+
+
+def initial_labels(num_examples: int, num_clusters: int, seed: int, head: int = 0) -> np.ndarray:
+  """A random equipartition, as the official code's initial self-labels: example index mod K, shuffled
+  by a permutation drawn from the stream (seed, head). int32 [N]; every cluster holds floor(N/K) or
+  ceil(N/K) examples."""
+  rng = np.random.default_rng([int(seed), int(head)])
+  return rng.permutation(np.arange(num_examples) % num_clusters).astype(np.int32)
 
 
 @keras.saving.register_keras_serializable(package="selabel_tf")
@@ -78,19 +98,22 @@ class SelaModel(keras.Model):
   """Backbone + T heads, trained with cross-entropy against its own `label_state`.
 
   Inputs of `fit`: dicts {"index": int [B], "image": float [B, H, W, C]} (see selabel_tf.data.pipeline).
+  `label_seed` seeds the initial random equipartition labels (`initial_labels`).
   `call(images)` returns the list of T logits [B, K_t], float32.
   """
 
   def __init__(self, architecture: str, image_shape: Sequence[int], num_clusters: Sequence[int],
-               num_examples: int, **kwargs):
+               num_examples: int, label_seed: int = 0, **kwargs):
     super().__init__(**kwargs)
+    self.label_seed = int(label_seed)
     self.architecture = architecture
     self.image_shape = tuple(int(d) for d in image_shape)
     self.num_clusters = tuple(int(k) for k in num_clusters)
     self.num_examples = int(num_examples)
     self.backbone = backbones.build_backbone(architecture, self.image_shape)
     self.heads = heads_lib.MultiHead(self.num_clusters, name="heads")
-    self.label_state = SelfLabelState(self.num_examples, self.num_clusters, name="label_state")
+    self.label_state = SelfLabelState(self.num_examples, self.num_clusters, seed=self.label_seed,
+                                      name="label_state")
 
   def build(self, input_shape=None):
     del input_shape
@@ -162,4 +185,4 @@ class SelaModel(keras.Model):
   def get_config(self):
     return {"architecture": self.architecture, "image_shape": list(self.image_shape),
             "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,
-            "name": self.name}
+            "label_seed": self.label_seed, "name": self.name}

@@ -1,0 +1,123 @@
+"""The training path carries the signal: ground-truth labels through SelaModel's own train step.
+
+Rules out a defect in what self-labelling trains through (index lookup of the labels, the
+{"index", "image"} pipeline and its augmentation, `SelaModel.compute_loss`, the per-head loss): the
+true classes are written into the model's label state (a test-only path; training never reads the
+ground truth) and the model is trained by `fit` exactly as a SeLa run trains it. It must end with the
+weights and the accuracy of a plain supervised Keras `fit` of the same backbone, initialisation, data
+order and budget, and its fc7 features must classify by kNN better than the untrained network's.
+
+Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (installed by install.sh).
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from selabel_tf.data import pipeline
+from selabel_tf.data import sources
+from selabel_tf.evaluation import knn
+from selabel_tf.modeling import backbones
+from selabel_tf.modeling import heads as heads_lib
+from selabel_tf.modeling.sela import SelaModel
+
+NUM_TRAIN, NUM_TEST = 4096, 2000
+BATCH, EPOCHS = 128, 3
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def data():
+  train, train_truth = sources.load("fashion_mnist", split="train", subset=NUM_TRAIN, seed=SEED)
+  test, test_truth = sources.load("fashion_mnist", split="test", subset=NUM_TEST, seed=SEED)
+  return train, train_truth, test, test_truth
+
+
+def _optimizer():
+  return keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=5e-4)
+
+
+def _train_batches(train):
+  return pipeline.train_dataset(train, train.augment_config(strength="paper"), batch_size=BATCH, seed=SEED)
+
+
+def _features_and_predictions(backbone, head, dataset):
+  """fc7 ("features") and the head's argmax of every example, with the evaluation transform."""
+  ds = pipeline.evaluation_dataset(dataset, dataset.augment_config(strength="none"), batch_size=500)
+  features, predictions = [], []
+  for batch in ds:
+    f = backbone(batch["image"], training=False)["features"]
+    features.append(f.numpy())
+    predictions.append(np.argmax(head(f).numpy(), axis=1))
+  return np.concatenate(features), np.concatenate(predictions)
+
+
+def _knn_accuracy(backbone, head, data):
+  train, train_truth, test, test_truth = data
+  train_features, _ = _features_and_predictions(backbone, head, train)
+  test_features, _ = _features_and_predictions(backbone, head, test)
+  result = knn.weighted_knn(train_features, train_truth.labels, test_features, num_classes=10, ks=(50,))
+  return result.accuracy(test_truth.labels)[50]
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+  """(SeLa path on the true labels, plain supervised fit, untrained network): backbones and heads."""
+  train, train_truth, _, _ = data
+  steps = EPOCHS * (NUM_TRAIN // BATCH)
+  shape = train.images.shape[1:]
+
+  keras.utils.set_random_seed(SEED)
+  sela = SelaModel("alexnet_small", shape, (10,), NUM_TRAIN, name="sela")
+  sela.build()
+  untrained = [np.array(w) for w in sela.weights]
+  sela.label_state.assign(train_truth.labels[None].astype(np.int32), [np.zeros(10)])  # the test-only path
+  sela.compile_for_self_labelling(_optimizer())
+  sela.fit(_train_batches(train), epochs=1, steps_per_epoch=steps, verbose=0)
+
+  keras.utils.set_random_seed(SEED)
+  images = keras.Input(shape)
+  backbone = backbones.build_backbone("alexnet_small", shape)
+  head = heads_lib.MultiHead((10,))
+  supervised = keras.Model(images, head(backbone(images)["features"])[0])
+  supervised.compile(_optimizer(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  labels = tf.constant(train_truth.labels)
+  batches = _train_batches(train).map(lambda b: (b["image"], tf.gather(labels, b["index"])))
+  supervised.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+
+  keras.utils.set_random_seed(SEED)
+  initial = SelaModel("alexnet_small", shape, (10,), NUM_TRAIN, name="initial")
+  initial.build()
+  return {"sela": (sela.backbone, sela.heads.heads[0]), "supervised": (backbone, head.heads[0]),
+          "untrained": (initial.backbone, initial.heads.heads[0]), "untrained_weights": untrained,
+          "initial_weights": [np.array(w) for w in initial.weights]}
+
+
+def test_both_paths_start_from_the_same_weights(trained):
+  assert len(trained["untrained_weights"]) == len(trained["initial_weights"])
+  for a, b in zip(trained["untrained_weights"], trained["initial_weights"]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sela_train_step_on_true_labels_matches_a_supervised_fit(trained, data):
+  _, _, test, test_truth = data
+  sela_backbone, sela_head = trained["sela"]
+  backbone, head = trained["supervised"]
+  sela_weights = sela_backbone.weights + sela_head.weights
+  supervised_weights = backbone.weights + head.weights
+  assert [tuple(w.shape) for w in sela_weights] == [tuple(w.shape) for w in supervised_weights]
+  for a, b in zip(sela_weights, supervised_weights):  # the same computation, up to float reassociation
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=2e-3, err_msg=a.path)
+  _, sela_predictions = _features_and_predictions(sela_backbone, sela_head, test)
+  _, supervised_predictions = _features_and_predictions(backbone, head, test)
+  sela_accuracy = np.mean(sela_predictions == test_truth.labels)
+  supervised_accuracy = np.mean(supervised_predictions == test_truth.labels)
+  assert sela_accuracy > 0.7  # it learned: 10 classes, chance 0.1
+  assert abs(sela_accuracy - supervised_accuracy) <= 0.01
+
+
+def test_fc7_knn_rises_above_the_untrained_network(trained, data):
+  trained_accuracy = _knn_accuracy(*trained["sela"], data)
+  untrained_accuracy = _knn_accuracy(*trained["untrained"], data)
+  assert trained_accuracy > untrained_accuracy + 0.01, (trained_accuracy, untrained_accuracy)
