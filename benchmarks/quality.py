@@ -12,11 +12,11 @@ metrics of the first head), and prints one table: seeds, wall times and each run
 supervised-epoch units (its wall time over one epoch of the supervised run of the same imbalance, so
 that the units compare across machines).
 
-Run (the README's table; about an hour per imbalance on a 2-core CPU):
-  .venv/bin/python benchmarks/quality.py --flagfile_under_test=configs/fashion_mnist_table8.cfg
+Run (the default job's recipe and budget: about an hour per train set on a 2-core CPU):
+  .venv/bin/python benchmarks/quality.py
 A quick screen of a recipe on a subset (a proxy: other numbers, same ranking so far):
   .venv/bin/python benchmarks/quality.py --imbalance=none --rows=sela,random_init,pixels \
-      --extra=--train_subset=15000,--probe_epochs=5 --out_dir=runs/quality_proxy
+      --extra=--train_subset=10000 --extra=--probe_epochs=5 --out_dir=runs/quality_proxy
 """
 
 import json
@@ -39,7 +39,7 @@ _TRAIN_FLAGS = {"sela": [], "kmeans": ["--labeller=kmeans"], "supervised": ["--s
 flags.DEFINE_string("flagfile_under_test", "configs/fashion_mnist.cfg", "The bin/train flagfile of every run.")
 flags.DEFINE_list("imbalance", ["none", "light", "heavy"], "Train sets: none (full), light, heavy.")
 flags.DEFINE_list("rows", list(ROWS), f"Which of {ROWS} to run.")
-flags.DEFINE_list("extra", [], "Extra bin/train flags for every run (comma-separated).")
+flags.DEFINE_multi_string("extra", [], "An extra bin/train flag for every run (repeat for more).")
 flags.DEFINE_string("out_dir", "runs/quality", "Where the run directories go.")
 flags.DEFINE_integer("seed", 0, "--seed of every run.")
 flags.DEFINE_bool("reuse", True, "Reuse a finished run directory (metrics.json present) instead of rerunning.")

@@ -154,7 +154,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError("SelfLabelCallback: the model has no label_state; pass num_clusters=(K_0, ...)")
     if "kmeans" in (self.labeller, self.cold_start_labeller) and not callable(
         getattr(self.label_model or model, "features", None)):
-      raise ValueError("SelfLabelCallback: labeller='kmeans' (or cold_start_labeller) needs a model with a features(images) method "
+      which = "labeller" if self.labeller == "kmeans" else "cold_start_labeller"
+      raise ValueError(f"SelfLabelCallback: {which}='kmeans' needs a model with a features(images) method "
                        "returning {'features': [B, D], ...} (e.g. SelaModel)")
     if self.state.num_examples != self.num_examples:
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "

@@ -94,7 +94,8 @@ class TrainConfig:
   lr_drop_factor: float = option(0.1, "Factor of each learning-rate drop.", group=_OPTIMISATION)
   augmentation: str = option("paper", "Training augmentation strength.", choices=augment.STRENGTHS,
                              group=_DATA)
-  label_augmentation: bool = option(True, "Label on augmented images (the paper) or not.",
+  label_augmentation: bool = option(False, "Label on augmented images (the paper) or on clean ones "
+                                    "(less noisy labels on short runs, measured: README).",
                                     group=_LABELLING)
   relabel_heads: str = option("all", "Heads re-assigned per labelling: all, or cyclic (one head in turn, "
                               "as the official CIFAR code).", choices=callbacks_lib.RELABEL_HEADS,
@@ -110,8 +111,9 @@ class TrainConfig:
                          "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
                          group=_LABELLING)
   cold_start_labeller: str = option(
-      "same", "Labeller of the first labelling, on the untrained network: same (as --labeller) or "
-      "kmeans (K-means on its features, where the argmax of its flat predictions collapses).",
+      "kmeans", "Labeller of the first labelling, on the untrained network: kmeans (K-means on its "
+      "features: the argmax of its flat predictions puts most examples in one cluster) or same (as "
+      "--labeller, the paper).",
       choices=("same",) + callbacks_lib.LABELLERS, group=_LABELLING)
   kmeans_pca_dim: int = option(256, "--labeller=kmeans: dimensions of the whitened PCA before K-means "
                                "(DeepCluster: 256); must be below the number of examples.",
@@ -446,7 +448,7 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
 def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, label_model, chief: bool):
   """(the SelfLabelCallback, the evaluation callbacks, every callback of `fit` in order)."""
   tensorboard_dir = os.path.join(config.run_dir, "tensorboard")
-  if "kmeans" in (config.labeller, config.cold_start_labeller):
+  if config.labeller == "kmeans":
     dims = min(config.kmeans_pca_dim, int(model.backbone.output["features"].shape[-1]))
     if inputs.dataset.num_examples <= dims:
       raise ConfigError(f"--kmeans_pca_dim={config.kmeans_pca_dim}: the K-means labeller's PCA to {dims} "
@@ -465,7 +467,9 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       num_passes=config.label_passes, labeller=config.labeller,
       labeller_options=labeller_options, relabel_heads=config.relabel_heads,
       cold_start_labeller=None if config.cold_start_labeller == "same" else config.cold_start_labeller,
-      cold_start_options={"seed": config.seed, "pca_dim": config.kmeans_pca_dim},
+      # A K-means cold start on a dataset smaller than the PCA keeps what fits.
+      cold_start_options={"seed": config.seed,
+                          "pca_dim": max(1, min(config.kmeans_pca_dim, inputs.dataset.num_examples - 1))},
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
       label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)

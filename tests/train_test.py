@@ -132,8 +132,6 @@ def tiny_npz(make_npz):
     ("knn_k", ["--knn_k=10,many"], "--knn_k=10,many must be a comma list of int values"),
     ("probe_layers", ["--probe_layers=conv1,fc9"], "--probe_layers=conv1,fc9: fc9 is not a layer of"),
     ("kmeans_pca_dim", ["--labeller=kmeans", "--batch_size=16"], "--kmeans_pca_dim=256: the K-means labeller's PCA to 256"),
-    ("cold_kmeans_pca_dim", ["--cold_start_labeller=kmeans", "--batch_size=16"],
-     "--kmeans_pca_dim=256: the K-means labeller's PCA to 256"),
     ("train_subset", ["--train_subset=65"], "subset=65 must be between 1 and the 64 examples"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
