@@ -194,7 +194,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
     return self._passes[labeller]
 
   def _due(self) -> bool:
-    done = int(keras.ops.convert_to_numpy(self.state.num_labellings))
+    done = self.state.labellings_done()
     if done >= len(self.steps):
       return False
     return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.steps[done]
