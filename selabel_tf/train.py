@@ -9,6 +9,7 @@ It writes a run directory:
   labels.npz            the latest self-labels [T, N] (atomic: temporary file, then rename)
   tensorboard/          TensorBoard logs (training, labelling)
   final.weights.h5      the trained model's weights
+  (--export_dir)        a SavedModel of it, for TF programs without selabel_tf (see selabel_tf.export)
   metrics.json          final metrics: loss, labelling statistics, NMI/ARI against the ground truth
 """
 
@@ -17,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
+from selabel_tf import files
 from selabel_tf import labeller as labeller_lib
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
@@ -159,6 +160,8 @@ class TrainConfig:
   deterministic: bool = option(False, "TF op determinism (bit-identical reruns and resumes).",
                                group=_RUNTIME)
   overwrite: bool = option(False, "Reuse a run_dir written by a different configuration.", group=_RUNTIME)
+  export_dir: Optional[str] = option(None, "At the end, also export the trained model as a SavedModel "
+                                     "here (as bin/export; see selabel_tf.export).", group=_RUNTIME)
 
   def validate(self):
     """Checks what can be checked before loading anything; raises ConfigError naming the flag."""
@@ -242,38 +245,18 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   return tf.distribute.TPUStrategy(resolver)
 
 
-def write_atomically(path: str, write):
-  """Calls write(temporary_path), then renames it over `path`: a reader never sees a partial file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  name = os.path.basename(path)
-  suffix = name[name.index("."):] if "." in name else ".tmp"  # keeps ".weights.h5", which Keras requires
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-  os.close(fd)
-  try:
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a run's files from other users
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def prepare_run_dir(config: TrainConfig):
   """Creates run_dir, or checks that an existing one was written by the same configuration."""
   path = os.path.join(config.run_dir, "config.json")
-  if os.path.exists(path) and not config.overwrite:
-    with open(path) as f:
-      previous = json.load(f)
+  if tf.io.gfile.exists(path) and not config.overwrite:
+    previous = json.loads(files.read_text(path))
     current = json.loads(config.to_json())
     differing = sorted(k for k in set(previous) | set(current)
-                       if k != "overwrite" and previous.get(k) != current.get(k))
+                       if k not in ("overwrite", "export_dir") and previous.get(k) != current.get(k))
     if differing:
       raise ConfigError(f"--run_dir={config.run_dir} holds a run with another configuration (differs in "
                         f"{', '.join('--' + k for k in differing)}); pass --overwrite or another --run_dir")
-  write_atomically(path, lambda tmp: open(tmp, "w").write(config.to_json()))
+  files.write_text(path, config.to_json())
 
 
 class _LabelsExport(keras.callbacks.Callback):
@@ -285,15 +268,14 @@ class _LabelsExport(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     labels = self.state.current_labels()
-    write_atomically(self.path, lambda tmp: np.savez(tmp, labels=labels, epoch=epoch + 1))
+    files.write_atomically(self.path, lambda tmp: np.savez(tmp, labels=labels, epoch=epoch + 1))
 
 
 def _resume_epoch(backup_dir):
   path = os.path.join(backup_dir, "training_metadata.json")
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     return 0
-  with open(path) as f:
-    return int(json.load(f)["epoch"])
+  return int(json.loads(files.read_text(path))["epoch"])
 
 
 def _learning_rate(config, steps_per_epoch):
@@ -336,13 +318,16 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
     if chief:
       prepare_run_dir(config)
       if flagfile is not None:
-        write_atomically(os.path.join(config.run_dir, "flags.txt"), lambda tmp: open(tmp, "w").write(flagfile))
+        files.write_text(os.path.join(config.run_dir, "flags.txt"), flagfile)
     model, label_model = build_model(config, inputs, strategy)
     self_label, evaluation, fit_callbacks = build_callbacks(config, inputs, model, label_model, chief)
     history, seconds = fit(config, inputs, model, fit_callbacks)
     metrics = collect_metrics(config, inputs, model, history, seconds, self_label, evaluation)
     if chief:
       write_outputs(config, model, metrics)
+      if config.export_dir:
+        from selabel_tf import export  # pylint: disable=g-import-not-at-top
+        export.export_run_dir(config.run_dir, config.export_dir)
     logger.info("run finished: %s", json.dumps(metrics))
     return metrics
   finally:
@@ -527,6 +512,5 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
 
 def write_outputs(config: TrainConfig, model: SelaModel, metrics: dict):
   """final.weights.h5 and metrics.json, each atomically."""
-  write_atomically(os.path.join(config.run_dir, "final.weights.h5"), model.save_weights)
-  write_atomically(os.path.join(config.run_dir, "metrics.json"),
-                   lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+  files.write_atomically(os.path.join(config.run_dir, "final.weights.h5"), model.save_weights)
+  files.write_text(os.path.join(config.run_dir, "metrics.json"), json.dumps(metrics, indent=2))

@@ -1,5 +1,6 @@
 """Evaluating a run directory (`bin/evaluate`): its model, rebuilt from config.json, on its dataset.
 
+`restore(run_dir)` rebuilds a run's model with its weights (for `bin/export` and `bin/label`);
 `evaluate_run_dir(run_dir)` rebuilds the run's `SelaModel` from its `config.json`, loads
 `final.weights.h5` (or, for a run still going, the newest weights of `backup/`; or none with
 `random_init=True`, a random-init network of the same configuration, seeded), loads the run's dataset
@@ -15,7 +16,9 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from selabel_tf import files
 from selabel_tf import train
+from selabel_tf.data import sources
 from selabel_tf.evaluation import suite
 from selabel_tf.modeling.sela import SelaModel
 
@@ -30,12 +33,11 @@ class RunDirError(ValueError):
 def load_config(run_dir: str, **overrides) -> train.TrainConfig:
   """The run's TrainConfig from run_dir/config.json, with `overrides` (evaluation options) applied."""
   path = os.path.join(run_dir, "config.json")
-  if not os.path.isdir(run_dir):
+  if not tf.io.gfile.isdir(run_dir):
     raise RunDirError(f"--run_dir={run_dir}: no such directory")
-  if not os.path.isfile(path):
+  if not tf.io.gfile.exists(path):
     raise RunDirError(f"--run_dir={run_dir}: no config.json (not a bin/train run directory)")
-  with open(path) as f:
-    values = json.load(f)
+  values = json.loads(files.read_text(path))
   known = {field.name: field for field in dataclasses.fields(train.TrainConfig)}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
   return dataclasses.replace(train.TrainConfig(**values), **overrides)
@@ -52,6 +54,51 @@ def weights_path(run_dir: str) -> str:
     return backups[-1]
   raise RunDirError(f"--run_dir={run_dir}: no final.weights.h5 and no backup weights; pass "
                     f"--random_init to evaluate an untrained network of this configuration")
+
+
+def build_model(config: train.TrainConfig, num_examples: int, image_size: int, channels: int,
+                num_classes: Optional[int], weights: Optional[str] = None) -> SelaModel:
+  """The run's SelaModel, built in the current strategy scope, with `weights` loaded (None: as initialised,
+  seeded by the run's --seed)."""
+  model = SelaModel(config.architecture, (image_size, image_size, channels), config.head_sizes(num_classes),
+                    num_examples, label_seed=config.seed, name="sela")
+  model.build()
+  if weights is not None:
+    model.load_weights(weights)
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A run's configuration, training data and model (its weights loaded)."""
+  config: train.TrainConfig
+  dataset: sources.Dataset
+  truth: Optional[sources.GroundTruth]
+  model: SelaModel
+  weights: Optional[str]  # None: random init
+
+
+def restore(run_dir: str, *, random_init: bool = False, **overrides) -> Restored:
+  """The run's model with its final (or newest backup) weights, and the data it was trained on.
+
+  Raises:
+    RunDirError: a missing run directory, config or weights file.
+    train.ConfigError: the run's dataset cannot be loaded.
+  """
+  config = load_config(run_dir, **overrides)
+  config.validate()
+  weights = None if random_init else weights_path(run_dir)
+  keras.utils.set_random_seed(config.seed)
+  try:
+    dataset, truth = sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
+                                  image_size=config.image_size, imbalance=config.imbalance,
+                                  subset=config.train_subset, seed=config.seed)
+  except (FileNotFoundError, ValueError) as e:
+    raise train.ConfigError(f"--run_dir={run_dir}: its dataset {config.dataset}: {e}") from None
+  image_size = config.image_size or int(dataset.images.shape[1])
+  model = build_model(config, dataset.num_examples, image_size, dataset.channels,
+                      None if truth is None else truth.num_classes, weights)
+  return Restored(config, dataset, truth, model, weights)
 
 
 def evaluate_run_dir(run_dir: str, *, random_init: bool = False, output: Optional[str] = None,
@@ -78,18 +125,14 @@ def evaluate_run_dir(run_dir: str, *, random_init: bool = False, output: Optiona
   keras.utils.set_random_seed(config.seed)
   strategy = strategy or train.make_strategy(config.strategy)
   data = train.build_evaluation_data(config)
-  num_clusters = config.head_sizes(data.train_truth.num_classes)
   with strategy.scope():
-    model = SelaModel(config.architecture, (data.image_size, data.image_size, data.train.channels),
-                      num_clusters, data.train.num_examples, label_seed=config.seed, name="sela")
-    model.build()
-    if path is not None:
-      model.load_weights(path)
+    model = build_model(config, data.train.num_examples, data.image_size, data.train.channels,
+                        data.train_truth.num_classes, path)
   metrics = suite.evaluate_model(model, data, train.evaluation_options(config), verbose=verbose)
   metrics.update(run_dir=run_dir, weights=path or "random_init", random_init=random_init)
   if random_init:  # an untrained network's labels are the initial ones: not a result
     metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_selabel/")}
   output = output or os.path.join(run_dir, RANDOM_INIT_FILE if random_init else EVALUATION_FILE)
   if strategy.extended.should_checkpoint:
-    train.write_atomically(output, lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+    files.write_text(output, json.dumps(metrics, indent=2))
   return metrics
