@@ -6,7 +6,7 @@ It writes a run directory:
   config.json           the effective configuration (a rerun with another config is refused)
   flags.txt             the effective flagfile (written by bin/train)
   backup/               keras BackupAndRestore: weights, optimizer, self-labels, schedule (per epoch)
-  labels.npz            the latest self-labels [T, N] (atomic: temporary file, then rename)
+  labels.npz, .csv      the latest self-labels [T, N] (atomic; see selabel_tf.labels)
   tensorboard/          TensorBoard logs (training, labelling)
   final.weights.h5      the trained model's weights
   (--export_dir)        a SavedModel of it, for TF programs without selabel_tf (see selabel_tf.export)
@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
 from selabel_tf import files
+from selabel_tf import labels as labels_lib
 from selabel_tf import labeller as labeller_lib
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
@@ -260,15 +261,14 @@ def prepare_run_dir(config: TrainConfig):
 
 
 class _LabelsExport(keras.callbacks.Callback):
-  """Writes the current self-labels to run_dir/labels.npz after every epoch, atomically."""
+  """Writes the current self-labels to run_dir/labels.npz and labels.csv after every epoch, atomically."""
 
-  def __init__(self, state, path):
+  def __init__(self, state, directory, source_index):
     super().__init__()
-    self.state, self.path = state, path
+    self.state, self.directory, self.source_index = state, directory, source_index
 
   def on_epoch_end(self, epoch, logs=None):
-    labels = self.state.current_labels()
-    files.write_atomically(self.path, lambda tmp: np.savez(tmp, labels=labels, epoch=epoch + 1))
+    labels_lib.write(self.directory, self.state.current_labels(), self.source_index, epoch + 1)
 
 
 def _resume_epoch(backup_dir):
@@ -467,7 +467,7 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"), save_freq="epoch",
                                        double_checkpoint=True),
       self_label,
-      *([_LabelsExport(model.label_state, os.path.join(config.run_dir, "labels.npz"))] if chief else []),
+      *([_LabelsExport(model.label_state, config.run_dir, inputs.dataset.original_index)] if chief else []),
       *evaluation,  # before TensorBoard, which then logs what they add to the epoch's logs
       keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
   ]

@@ -215,3 +215,23 @@ def test_bin_export_writes_a_loadable_export(exported, tmp_path):
   loaded = tf.saved_model.load(str(tmp_path / "cli"))
   np.testing.assert_allclose(loaded.signatures["features"](images=tf.constant(exported["images"]))["features"],
                              exported["features"], atol=1e-5)
+
+
+def test_a_run_writes_its_labels_as_csv_that_load_reads_back_as_the_npz(exported, tmp_path):
+  from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  run_dir = exported["run_dir"]
+  from_npz = labels_lib.load(os.path.join(run_dir, "labels.npz"))
+  from_csv = labels_lib.load(os.path.join(run_dir, "labels.csv"))
+  assert from_npz.shape == (2, 512) and from_npz.dtype == np.int32
+  np.testing.assert_array_equal(from_csv, from_npz)
+  np.testing.assert_array_equal(from_npz, exported["restored"].model.label_state.current_labels())
+  rows = open(os.path.join(run_dir, "labels.csv")).read().splitlines()
+  assert rows[0] == "index,source_index,head_0,head_1" and len(rows) == 513
+  source = exported["restored"].dataset.original_index
+  assert rows[1] == f"0,{source[0]},{from_npz[0, 0]},{from_npz[1, 0]}"
+  bad = tmp_path / "bad.csv"
+  bad.write_text("index,source_index,head_0\n1,0,3\n0,1,2\n")
+  with pytest.raises(ValueError, match="index column must be 0..1 in order"):
+    labels_lib.load(str(bad))
+  with pytest.raises(ValueError, match="must be a .npz or .csv"):
+    labels_lib.load(str(tmp_path / "labels.txt"))
