@@ -170,14 +170,16 @@ def is_export(path: str) -> bool:
   return tf.io.gfile.exists(f"{str(path).rstrip('/')}/{METADATA_PATH}")
 
 
-def export_run_dir(run_dir: str, export_dir: str, *, probe_layers: Optional[Sequence[str]] = None) -> Dict:
-  """Exports a bin/train run directory's final weights (or newest backup); returns the metadata.
+def export_run_dir(run_dir: str, export_dir: str, *, probe_layers: Optional[Sequence[str]] = None,
+                   data=None) -> Dict:
+  """Exports a bin/train run directory's final weights (or newest backup); returns the metadata. `data`:
+  the run's (dataset, truth) where the caller has them loaded (bin/train), else read again.
 
   Raises:
     run_dir.RunDirError: a missing run directory, config or weights file.
   """
   from selabel_tf.evaluation import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top
-  restored = run_dir_lib.restore(run_dir)
+  restored = run_dir_lib.restore(run_dir, data=data)
   transform = restored.dataset.augment_config(restored.model.image_shape[0], "none")
   config = restored.config
   return export_model(restored.model, export_dir, transform,

@@ -327,7 +327,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
       write_outputs(config, model, metrics)
       if config.export_dir:
         from selabel_tf import export  # pylint: disable=g-import-not-at-top
-        export.export_run_dir(config.run_dir, config.export_dir)
+        export.export_run_dir(config.run_dir, config.export_dir, data=(inputs.dataset, inputs.truth))
     logger.info("run finished: %s", json.dumps(metrics))
     return metrics
   finally:

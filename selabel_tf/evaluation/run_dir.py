@@ -11,7 +11,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -78,8 +78,10 @@ class Restored:
   weights: Optional[str]  # None: random init
 
 
-def restore(run_dir: str, *, random_init: bool = False, **overrides) -> Restored:
-  """The run's model with its final (or newest backup) weights, and the data it was trained on.
+def restore(run_dir: str, *, random_init: bool = False,
+            data: Optional[Tuple[sources.Dataset, Optional[sources.GroundTruth]]] = None, **overrides) -> Restored:
+  """The run's model with its final (or newest backup) weights, and the data it was trained on
+  (`data`: that (dataset, truth), already loaded by the caller; not read again).
 
   Raises:
     RunDirError: a missing run directory, config or weights file.
@@ -90,9 +92,9 @@ def restore(run_dir: str, *, random_init: bool = False, **overrides) -> Restored
   weights = None if random_init else weights_path(run_dir)
   keras.utils.set_random_seed(config.seed)
   try:
-    dataset, truth = sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
-                                  image_size=config.image_size, imbalance=config.imbalance,
-                                  subset=config.train_subset, seed=config.seed)
+    dataset, truth = data or sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
+                                          image_size=config.image_size, imbalance=config.imbalance,
+                                          subset=config.train_subset, seed=config.seed)
   except (FileNotFoundError, ValueError) as e:
     raise train.ConfigError(f"--run_dir={run_dir}: its dataset {config.dataset}: {e}") from None
   image_size = config.image_size or int(dataset.images.shape[1])
