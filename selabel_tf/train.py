@@ -71,9 +71,12 @@ class TrainConfig:
   data_dir: Optional[str] = option(None, "tfds data dir.", group=_DATA)
   split: str = option("train", "Split to train on.", group=_DATA)
   download: bool = option(False, "Let tfds download the dataset (needs internet).", group=_DATA)
-  image_size: Optional[int] = option(None, "Model input side (default: the dataset's).", group=_DATA)
+  image_size: Optional[int] = option(None, "Model input side (default: the dataset's; for an image folder "
+                                     "the images' own when they all share one size).", group=_DATA)
   imbalance: str = option("none", "Imbalanced train subset (paper Table 8).",
                           choices=sources.IMBALANCE_MODES, group=_DATA)
+  skip_bad_images: bool = option(False, "Image folders: leave out image files that cannot be decoded "
+                                 "(one warning lists them) instead of stopping at the first.", group=_DATA)
   train_subset: int = option(0, "Train on a random subset of this many examples of --split (0: all), "
                              "e.g. to screen a recipe quickly.", group=_DATA)
   architecture: str = option("alexnet_small", "Backbone.", choices=backbones.BACKBONES, group=_MODEL)
@@ -82,6 +85,10 @@ class TrainConfig:
                             "through the same train step and evaluation (the supervised reference of "
                             "paper Table 8; --heads and the self-labelling flags are not used).",
                             group=_MODEL)
+  labels_from: Optional[str] = option(
+      None, "Train on the fixed labels of this labels.csv/.npz (e.g. another run's self-labels: label "
+      "transfer, paper Table 5) with plain cross-entropy, never relabelling; --heads must match its heads.",
+      group=_MODEL)
   lam: float = option(10.0, "Lambda of the Sinkhorn-Knopp labeller (> 0).", group=_LABELLING)
   epochs: int = option(4, "Training epochs.", group=_OPTIMISATION)
   batch_size: int = option(256, "Global batch size.", group=_OPTIMISATION)
@@ -187,6 +194,8 @@ class TrainConfig:
          f"(0: 4 x --batch_size)"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.kmeans_pca_dim >= 1, f"--kmeans_pca_dim={self.kmeans_pca_dim} must be >= 1"),
+        (not (self.supervised and self.labels_from), f"--supervised and --labels_from={self.labels_from}: "
+         f"train on the class labels or on the file's, not both"),
         (self.labeller != "kmeans" or self.cold_start_labeller in ("same", "kmeans"),
          f"--cold_start_labeller={self.cold_start_labeller} with --labeller=kmeans: the K-means labeller "
          f"starts with K-means; use same"),
@@ -250,7 +259,8 @@ def prepare_run_dir(config: TrainConfig):
   """Creates run_dir, or checks that an existing one was written by the same configuration."""
   path = os.path.join(config.run_dir, "config.json")
   if tf.io.gfile.exists(path) and not config.overwrite:
-    previous = json.loads(files.read_text(path))
+    # A key an older version did not write holds its default.
+    previous = {**json.loads(TrainConfig().to_json()), **json.loads(files.read_text(path))}
     current = json.loads(config.to_json())
     differing = sorted(k for k in set(previous) | set(current)
                        if k not in ("overwrite", "export_dir") and previous.get(k) != current.get(k))
@@ -263,12 +273,12 @@ def prepare_run_dir(config: TrainConfig):
 class _LabelsExport(keras.callbacks.Callback):
   """Writes the current self-labels to run_dir/labels.npz and labels.csv after every epoch, atomically."""
 
-  def __init__(self, state, directory, source_index):
+  def __init__(self, state, directory, source_ids):
     super().__init__()
-    self.state, self.directory, self.source_index = state, directory, source_index
+    self.state, self.directory, self.source_ids = state, directory, source_ids
 
   def on_epoch_end(self, epoch, logs=None):
-    labels_lib.write(self.directory, self.state.current_labels(), self.source_index, epoch + 1)
+    labels_lib.write(self.directory, self.state.current_labels(), self.source_ids, epoch + 1)
 
 
 def _resume_epoch(backup_dir):
@@ -297,6 +307,9 @@ class RunInputs:
   steps_per_epoch: int
   initial_epoch: int
   evaluation: Optional[eval_callbacks.EvaluationData]
+  # int32 [T, N] labels trained on and never relabelled (--supervised: the classes; --labels_from: the
+  # file's), or None: self-labels.
+  fixed_labels: Optional[np.ndarray] = None
 
 
 def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
@@ -347,14 +360,84 @@ def build_strategy(config: TrainConfig, strategy: Optional[tf.distribute.Strateg
   return strategy
 
 
+def _data_error(config: TrainConfig, error: Exception, flag: str = "dataset") -> "ConfigError":
+  """The data layer's error as a ConfigError naming the flags that change the outcome."""
+  from selabel_tf.data import image_folder  # pylint: disable=g-import-not-at-top
+  value = getattr(config, flag)
+  if isinstance(error, image_folder.BadImageError):
+    return ConfigError(f"--{flag}={value}: cannot decode image file {error.path!r}: {error.reason}; fix or "
+                       f"remove it, or pass --skip_bad_images to leave undecodable files out")
+  if isinstance(error, image_folder.ImageSizeError):
+    sizes = ", ".join(f"{w}x{h} ({n} files)" for (w, h), n in sorted(error.sizes.items(), key=lambda i: -i[1])[:5])
+    return ConfigError(f"--{flag}={value}: the images have {len(error.sizes)} different sizes ({sizes}"
+                       f"{', ...' if len(error.sizes) > 5 else ''}); pass --image_size, the side every image "
+                       f"is resized and centre-cropped to")
+  return ConfigError(f"--{flag}={value}: {error}")
+
+
+def load_dataset(config: TrainConfig, split: Optional[str] = None
+                 ) -> Tuple[sources.Dataset, Optional[sources.GroundTruth]]:
+  """The run's data as configured (--split, or `split`, with its imbalance and subset): (dataset, truth).
+
+  Raises:
+    ConfigError: the dataset cannot be loaded, naming the flag that would change that.
+  """
+  split = split or config.split
+  train_split = split == config.split
+  try:
+    return sources.load(config.dataset, split=split, data_dir=config.data_dir, download=config.download,
+                        image_size=config.image_size,
+                        imbalance=config.imbalance if train_split else "none",
+                        subset=config.train_subset if train_split else None, seed=config.seed,
+                        on_bad="skip" if config.skip_bad_images else "error")
+  except (FileNotFoundError, ValueError) as e:
+    raise _data_error(config, e) from None
+
+
+def fixed_labels(config: TrainConfig, dataset: sources.Dataset,
+                 truth: Optional[sources.GroundTruth]) -> Optional[np.ndarray]:
+  """The labels a run trains on without relabelling: int32 [T, N] (see `RunInputs.fixed_labels`).
+
+  Raises:
+    ConfigError: a --labels_from file that is not the dataset's (its N, its source ids) or not --heads'
+      (its head count, a label >= K).
+  """
+  if config.supervised:
+    return None if truth is None else truth.labels[None].astype(np.int32)
+  if not config.labels_from:
+    return None
+  try:
+    label_file = labels_lib.read(config.labels_from)
+  except (tf.errors.NotFoundError, FileNotFoundError):
+    raise ConfigError(f"--labels_from={config.labels_from}: no such file") from None
+  except ValueError as e:
+    raise ConfigError(f"--labels_from: {e}") from None
+  where = f"--labels_from={config.labels_from}"
+  if label_file.num_examples != dataset.num_examples:
+    raise ConfigError(f"{where} has labels for {label_file.num_examples} examples, --dataset={config.dataset} "
+                      f"(--split={config.split}, --imbalance={config.imbalance}, --train_subset="
+                      f"{config.train_subset}) has {dataset.num_examples}")
+  ids = dataset.source_ids()
+  if label_file.source_ids.dtype.kind != ids.dtype.kind or not np.array_equal(label_file.source_ids, ids):
+    first = next((i for i in range(len(ids)) if str(label_file.source_ids[i]) != str(ids[i])), 0)
+    raise ConfigError(f"{where}: example {first} is {label_file.source_ids[first]!r} in the file and "
+                      f"{ids[first]!r} in --dataset={config.dataset}: labels of other examples")
+  sizes = heads_lib.parse_heads(config.heads)
+  needed = [int(head.max()) + 1 for head in label_file.labels]
+  suggestion = ",".join(map(str, needed))
+  if label_file.num_heads != len(sizes):
+    raise ConfigError(f"{where} has {label_file.num_heads} heads, --heads={config.heads} has {len(sizes)}; "
+                      f"pass e.g. --heads={suggestion}")
+  for t, (k, need) in enumerate(zip(sizes, needed)):
+    if need > k or label_file.labels[t].min() < 0:
+      raise ConfigError(f"{where}: head {t} has labels up to {need - 1}, --heads={config.heads} gives it "
+                        f"K={k}; pass e.g. --heads={suggestion}")
+  return label_file.labels
+
+
 def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunInputs:
   """Loads the dataset and makes the training and label-pass pipelines (and the evaluation splits)."""
-  try:
-    dataset, truth = sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
-                                  download=config.download, image_size=config.image_size,
-                                  imbalance=config.imbalance, subset=config.train_subset, seed=config.seed)
-  except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f"--dataset={config.dataset}: {e}") from None
+  dataset, truth = load_dataset(config)
   num_clusters = config.head_sizes(None if truth is None else truth.num_classes)
   num_examples = dataset.num_examples
   for t, k in enumerate(num_clusters):
@@ -363,6 +446,7 @@ def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunIn
                         f"N={num_examples} examples of --dataset={config.dataset}; need K < N")
   if config.batch_size > num_examples:
     raise ConfigError(f"--batch_size={config.batch_size} exceeds the N={num_examples} examples")
+  labels = fixed_labels(config, dataset, truth)
   image_size = config.image_size or int(dataset.images.shape[1])
   train_config = dataset.augment_config(image_size, config.augmentation)
   label_config = dataset.augment_config(image_size, config.augmentation if config.label_augmentation
@@ -380,7 +464,7 @@ def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunIn
 
   return RunInputs(dataset, truth, image_size, train_ds, label_pass,
                    num_examples // config.batch_size, initial_epoch,
-                   build_evaluation_data(config, image_size) if config.evaluate else None)
+                   build_evaluation_data(config, image_size) if config.evaluate else None, labels)
 
 
 def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
@@ -395,9 +479,12 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
     return suite.load_data(config.dataset, image_size=image_size or config.image_size,
                            batch_size=config.eval_batch_size or label_batch, train_split=config.split,
                            test_split=config.eval_split, data_dir=config.data_dir,
-                           imbalance=config.imbalance, subset=config.train_subset, seed=config.seed)
+                           imbalance=config.imbalance, subset=config.train_subset, seed=config.seed,
+                           on_bad="skip" if config.skip_bad_images else "error")
   except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f"--evaluate: {e}; pass --noevaluate, or a labelled --eval_split") from None
+    error = _data_error(config, e)
+    raise ConfigError(f"--evaluate: {str(error).split(': ', 1)[1]}; pass --noevaluate, or a labelled "
+                      f"--eval_split") from None
 
 
 def evaluation_options(config: TrainConfig) -> suite.EvaluationOptions:
@@ -425,8 +512,8 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
                                      momentum=config.momentum, weight_decay=config.weight_decay)
     model.compile_for_self_labelling(optimizer)
     label_model = model.label_pass_twin(config.label_pass_precision)
-  if config.supervised:  # the class labels stand in for the self-labels, and are never relabelled
-    model.label_state.assign(inputs.truth.labels[None].astype(np.int32), [np.zeros(num_clusters[0])])
+  if inputs.fixed_labels is not None:  # the class labels or the file's: never relabelled
+    model.label_state.assign(inputs.fixed_labels, [np.zeros(k) for k in num_clusters])
   return model, label_model
 
 
@@ -444,8 +531,8 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
                       {"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
                        "seed": config.seed})
-  # --supervised: the class labels stay; a callback that never labels keeps the run's shape.
-  steps = [] if config.supervised else schedule_lib.labelling_steps(
+  # Fixed labels (--supervised, --labels_from) stay; a callback that never labels keeps the run's shape.
+  steps = [] if inputs.fixed_labels is not None else schedule_lib.labelling_steps(
       inputs.steps_per_epoch * config.epochs, config.nopts, config.labelling_spacing)
   self_label = callbacks_lib.SelfLabelCallback(
       inputs.label_pass, inputs.dataset.num_examples, config.lam, steps,
@@ -467,7 +554,7 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"), save_freq="epoch",
                                        double_checkpoint=True),
       self_label,
-      *([_LabelsExport(model.label_state, config.run_dir, inputs.dataset.original_index)] if chief else []),
+      *([_LabelsExport(model.label_state, config.run_dir, inputs.dataset.source_ids())] if chief else []),
       *evaluation,  # before TensorBoard, which then logs what they add to the epoch's logs
       keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
   ]

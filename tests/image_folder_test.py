@@ -287,7 +287,7 @@ def test_folder_without_images_names_path_and_extensions(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"image_size": 0}, "image_size must be an integer > 0"),
+    ({"image_size": 0}, "image_size must be None .* or an integer > 0"),
     ({"image_size": 8, "channels": 2}, "channels must be 1 .* or 3"),
     ({"image_size": 8, "on_bad": "ignore"}, r"on_bad must be one of \('error', 'skip'\)"),
     ({"image_size": 8, "holdout_fraction": 1.5, "split": "train"}, "holdout_fraction must be"),
@@ -305,3 +305,42 @@ def test_path_like_and_str_paths_agree(tmp_path):
   from_str = image_folder.load_image_folder(os.fspath(tmp_path), image_size=8)
   from_path = image_folder.load_image_folder(tmp_path, image_size=8)
   np.testing.assert_array_equal(from_str.images, from_path.images)
+
+
+# --------------------------------------------------------------------------------------------------
+# The images' own size.
+
+
+def test_without_image_size_images_of_one_size_keep_it(tmp_path):
+  for i in range(3):
+    _write(tmp_path, f"x{i}.png", 12, 12, "RGB", seed=i)
+  folder = image_folder.load_image_folder(tmp_path)
+  assert folder.images.shape == (3, 12, 12, 3)
+  expected = np.asarray(Image.open(tmp_path / "x1.png").convert("RGB"))
+  np.testing.assert_array_equal(folder.images[1], expected)  # not resized: the pixels as stored
+
+
+def test_without_image_size_one_non_square_size_gives_its_shorter_side(tmp_path):
+  for i in range(2):
+    _write(tmp_path, f"x{i}.png", 20, 14, "RGB", seed=i)
+  assert image_folder.load_image_folder(tmp_path).images.shape == (2, 14, 14, 3)
+
+
+def test_without_image_size_mixed_sizes_raise_listing_them(tmp_path):
+  _write(tmp_path, "a.png", 12, 12, "RGB")
+  _write(tmp_path, "b.png", 12, 12, "RGB")
+  _write(tmp_path, "c.png", 30, 20, "RGB")
+  with pytest.raises(image_folder.ImageSizeError, match=r"2 different sizes \(12x12 \(2 files\), "
+                     r"30x20 \(1 files\)\); give image_size") as raised:
+    image_folder.load_image_folder(tmp_path)
+  assert raised.value.sizes == {(12, 12): 2, (30, 20): 1}
+
+
+def test_without_image_size_a_bad_file_is_left_to_the_decoding_rules(tmp_path):
+  _write(tmp_path, "a.png", 12, 12, "RGB")
+  (tmp_path / "b.png").write_text("not a png")
+  with pytest.raises(image_folder.BadImageError, match="b.png") as raised:
+    image_folder.load_image_folder(tmp_path)
+  assert raised.value.path.endswith("b.png")
+  folder = image_folder.load_image_folder(tmp_path, on_bad="skip")
+  assert folder.images.shape == (1, 12, 12, 3) and folder.files == ("a.png",)

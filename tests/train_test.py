@@ -375,3 +375,86 @@ def test_supervised_trains_one_head_on_the_classes_and_never_relabels(make_npz, 
   np.testing.assert_array_equal(labels, truth[None])  # one head, K = 3 classes, the class labels
   assert "nmi" not in metrics and "selabel_seconds" not in metrics
   assert "cluster_test/head_0/nmi" in metrics and "cluster_test/head_1/nmi" not in metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# bin/train on an image folder, as a new user tries it.
+
+
+def _image_folder(root, count, size=(32, 32), bad=()):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    target = root / ("a" if i % 2 else "b") / f"img_{i:03d}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(target)
+  for name in bad:
+    (root / name).write_text("not an image")
+  return root
+
+
+def test_bin_train_on_an_image_folder_uses_its_size_and_writes_file_paths(tmp_path):
+  folder = _image_folder(tmp_path / "images", 40, bad=("a/broken.png",))
+  run_dir = tmp_path / "run"
+  common = [f"--dataset={folder}", f"--run_dir={run_dir}", "--heads=3", "--epochs=1", "--batch_size=8",
+            "--noevaluate", "--strategy=default"]
+  result = _train_cli(*common)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  assert len(lines) == 1 and "broken.png" in lines[0] and "--skip_bad_images" in lines[0], result.stderr[-2000:]
+  assert "on_bad" not in lines[0]
+  result = _train_cli(*common, "--skip_bad_images")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.load(open(run_dir / "config.json"))["image_size"] is None
+  from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  label_file = labels_lib.read(str(run_dir / "labels.csv"))
+  expected = sorted(f"{'a' if i % 2 else 'b'}/img_{i:03d}.png" for i in range(40))
+  assert label_file.source_ids.tolist() == expected  # the file paths, in index order; broken.png left out
+  np.testing.assert_array_equal(label_file.labels, np.load(run_dir / "labels.npz")["labels"])
+  assert open(run_dir / "labels.csv").readline().strip() == "index,path,head_0"
+
+
+def test_bin_train_on_an_image_folder_of_mixed_sizes_asks_for_image_size(tmp_path):
+  folder = _image_folder(tmp_path / "images", 6)
+  _image_folder(tmp_path / "images" / "a", 1, size=(40, 30))
+  result = _train_cli(f"--dataset={folder}", f"--run_dir={tmp_path / 'run'}", "--heads=2", "--batch_size=4")
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert "32x32 (6 files), 40x30 (1 files)" in lines[0] and "--image_size" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# --labels_from: label transfer (paper Table 5).
+
+
+def test_labels_from_trains_on_exactly_the_files_labels_and_never_relabels(make_npz, tmp_path):
+  from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  dataset = make_npz(64, 20, 3)
+  rng = np.random.default_rng(5)
+  given = np.stack([rng.integers(0, 4, 64), rng.integers(0, 6, 64)]).astype(np.int32)
+  source = tmp_path / "given.csv"
+  source.write_text(labels_lib.to_csv(given, np.arange(64)))
+  run_dir = tmp_path / "run"
+  metrics = train.run(train.TrainConfig(dataset=dataset, run_dir=str(run_dir), labels_from=str(source),
+                                        heads="4,6", epochs=2, batch_size=16, probe_epochs=1, knn_k=(3,),
+                                        strategy="default"))
+  np.testing.assert_array_equal(np.load(run_dir / "labels.npz")["labels"], given)
+  assert "selabel_seconds" not in metrics  # no labelling ran
+  assert len(metrics["nmi"]) == 2  # the file's labels, measured against the classes
+
+
+@pytest.mark.parametrize("labels,heads,needle", [
+    (np.zeros((2, 50), np.int32), "4,6", "has labels for 50 examples, --dataset="),
+    (np.zeros((3, 64), np.int32), "4,6", "has 3 heads, --heads=4,6 has 2; pass e.g. --heads=1,1,1"),
+    (np.full((2, 64), 7, np.int32), "4,6", "head 0 has labels up to 7, --heads=4,6 gives it K=4"),
+])
+def test_labels_from_a_file_that_does_not_fit_exits_2_with_one_line(tiny_npz, tmp_path, labels, heads, needle):
+  from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  source = tmp_path / "given.npz"
+  np.savez(source, labels=labels, source_ids=np.arange(labels.shape[1]))
+  result = _train_cli(f"--dataset={tiny_npz}", f"--run_dir={tmp_path / 'run'}", f"--labels_from={source}",
+                      f"--heads={heads}", "--batch_size=16")
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  del labels_lib

@@ -41,10 +41,14 @@ Decoding (`decode_image`), in a thread pool (PIL releases the GIL while decoding
 * Resized so the shorter side is S (bilinear, antialiased when shrinking, longer side rounded to the
   nearest pixel), then centre-cropped to S x S (the crop's offset is floor((side - S) / 2)).
 
+Image size. `image_size=None` takes the images' own: when every image file has the same size W x H
+(read from the file headers, a quick pass before decoding), S is min(W, H) (the side itself for square
+images); else `ImageSizeError` lists the sizes found and asks for an `image_size`.
+
 Bad files (`on_bad`): a file with an image extension that PIL cannot open or fully decode (truncated,
-corrupt, a text file named x.png). "error" (default) raises ValueError naming the first such file in index
-order and PIL's reason; "skip" leaves it out, lists it in `FolderImages.skipped`, and logs one warning
-naming every skipped file.
+corrupt, a text file named x.png). "error" (default) raises `BadImageError` (a ValueError) naming the
+first such file in index order and PIL's reason; "skip" leaves it out, lists it in `FolderImages.skipped`,
+and logs one warning naming every skipped file.
 """
 
 import concurrent.futures
@@ -71,6 +75,27 @@ _MAX_FILES_PER_TASK = 64
 _PROGRESS_EVERY = 20_000
 
 
+class BadImageError(ValueError):
+  """An image file that cannot be decoded, with on_bad="error"; `path` and `reason` name it."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot decode image file {path!r}: {reason}. Fix or remove it, or pass "
+                     f"on_bad='skip' to leave undecodable files out")
+    self.path, self.reason = path, reason
+
+
+class ImageSizeError(ValueError):
+  """image_size=None, and the images do not share one size; `sizes` maps (W, H) to its file count."""
+
+  def __init__(self, root: str, sizes: dict):
+    listed = ", ".join(f"{w}x{h} ({count} files)" for (w, h), count in
+                       sorted(sizes.items(), key=lambda item: -item[1])[:5])
+    more = f" and {len(sizes) - 5} more sizes" if len(sizes) > 5 else ""
+    super().__init__(f"image folder {root!r}: the images have {len(sizes)} different sizes ({listed}{more}); "
+                     f"give image_size, the side every image is resized and centre-cropped to")
+    self.root, self.sizes = root, dict(sizes)
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderImages:
   """The decoded images of a folder, indexed 0..N-1 by sorted relative path.
@@ -92,7 +117,7 @@ class FolderImages:
 
 def load_image_folder(path: Union[str, os.PathLike],
                       *,
-                      image_size: int,
+                      image_size: Optional[int] = None,
                       channels: int = 3,
                       split: Optional[str] = None,
                       holdout_fraction: Optional[float] = None,
@@ -103,7 +128,8 @@ def load_image_folder(path: Union[str, os.PathLike],
 
   Args:
     path: the folder.
-    image_size: S, the side of the square images returned (> 0).
+    image_size: S, the side of the square images returned (> 0); None: the images' own, when they
+      share one size (see the module docstring).
     channels: C, 1 (grayscale) or 3 (RGB).
     split: None for a folder without split subfolders; else the split subfolder to load, or, when
       `path` has no split subfolders, "train" or "test"/"val" of the holdout split.
@@ -120,7 +146,9 @@ def load_image_folder(path: Union[str, os.PathLike],
     FileNotFoundError: `path` (or nothing at it) does not exist.
     NotADirectoryError: `path` is a file.
     ValueError: a bad option; a folder without image files; an ambiguous layout; a split that is
-      neither a subfolder nor a holdout part; an undecodable file with on_bad="error"; every file bad.
+      neither a subfolder nor a holdout part; every file bad.
+    BadImageError: an undecodable file with on_bad="error".
+    ImageSizeError: image_size=None and images of different sizes.
   """
   path = os.fspath(path)
   _check_options(image_size, channels, split, holdout_fraction, on_bad, num_threads)
@@ -149,6 +177,8 @@ def load_image_folder(path: Union[str, os.PathLike],
       raise ValueError(f"image folder {path!r}: holdout_fraction={holdout_fraction} leaves the "
                        f"{split!r} part empty; choose a fraction that leaves files in both parts")
 
+  if image_size is None:
+    image_size = common_image_size(root, files, num_threads)
   images, bad = _decode_all(root, files, image_size, channels, on_bad, num_threads)
   if bad:
     bad_set = {index for index, _ in bad}
@@ -170,6 +200,39 @@ def load_image_folder(path: Union[str, os.PathLike],
     ground_truth = np.array([class_ids[f.split("/", 1)[0]] for f in files], np.int64)
   return FolderImages(images=images, ground_truth=ground_truth, class_names=class_names,
                       files=tuple(files), skipped=skipped)
+
+
+def common_image_size(root: str, files, num_threads: Optional[int] = None) -> int:
+  """min(W, H) of the one size W x H that every image file under `root` has (headers only; files PIL
+  cannot open are left to the decoding pass).
+
+  Raises:
+    ImageSizeError: the files have more than one size (or none could be opened).
+  """
+  def size_of(name):
+    try:
+      with Image.open(os.path.join(root, name)) as image:
+        return image.size
+    except Exception:  # pylint: disable=broad-except
+      return None  # reported, or skipped, by the decoding pass
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=_threads(num_threads)) as executor:
+    found = [size for size in executor.map(size_of, files, chunksize=256) if size is not None]
+  sizes = {}
+  for size in found:
+    sizes[size] = sizes.get(size, 0) + 1
+  if len(sizes) != 1:
+    raise ImageSizeError(root, sizes)
+  (width, height), = sizes
+  logger.info("Image folder %s: every image is %dx%d; image_size %d%s", root, width, height,
+              min(width, height), "" if width == height else " (centre-cropped to a square)")
+  return min(width, height)
+
+
+def _threads(num_threads):
+  if num_threads is None:
+    num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return num_threads or 1
 
 
 def decode_image(file_path: Union[str, os.PathLike], *, image_size: int, channels: int = 3) -> np.ndarray:
@@ -226,10 +289,10 @@ def _resize_and_centre_crop(image, size):
 
 
 def _check_options(image_size, channels, split, holdout_fraction, on_bad, num_threads):
-  if not (isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-          and image_size > 0):
-    raise ValueError(f"image_size must be an integer > 0 (the side of the square images), "
-                     f"got {image_size!r}")
+  if image_size is not None and not (isinstance(image_size, (int, np.integer))
+                                     and not isinstance(image_size, bool) and image_size > 0):
+    raise ValueError(f"image_size must be None (the images' own) or an integer > 0 (the side of the "
+                     f"square images), got {image_size!r}")
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
   if on_bad not in ON_BAD_MODES:
@@ -332,9 +395,7 @@ def _decode_all(root, files, image_size, channels, on_bad, num_threads):
                    "under %s load padded instead of being reported as bad", root)
   num_files = len(files)
   images = np.empty((num_files, image_size, image_size, channels), np.uint8)
-  if num_threads is None:
-    num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    num_threads = num_threads or 1
+  num_threads = _threads(num_threads)
   # Contiguous runs of files per task: few futures even for millions of files, balanced over threads.
   per_task = max(1, min(_MAX_FILES_PER_TASK, math.ceil(num_files / (4 * num_threads))))
 
@@ -360,8 +421,7 @@ def _decode_all(root, files, image_size, channels, on_bad, num_threads):
                               executor.map(decode_run, range(0, num_files, per_task))):
       if run_bad and on_bad == "error":
         index, reason = run_bad[0]
-        raise ValueError(f"cannot decode image file {os.path.join(root, files[index])!r}: {reason}. "
-                         f"Fix or remove it, or pass on_bad='skip' to leave undecodable files out")
+        raise BadImageError(os.path.join(root, files[index]), reason)
       bad.extend(run_bad)
       if start + per_task >= next_report:
         logger.info("Decoded %d of %d images (%.0f s)", min(start + per_task, num_files), num_files,

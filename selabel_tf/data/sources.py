@@ -54,6 +54,7 @@ class Dataset:
     origin: where the images were read from (path or tfds data dir), for logs.
     stream: for a streamed dataset, a callable returning a tf.data.Dataset of (index, image).
     image_channels: for a streamed dataset, C.
+    files: image folders: each example's file, as a POSIX path relative to `origin`; else None.
   """
   name: str
   images: Optional[np.ndarray]
@@ -62,6 +63,19 @@ class Dataset:
   origin: str
   stream: Optional[Callable[[], Any]] = None
   image_channels: Optional[int] = None
+  files: Optional[Tuple[str, ...]] = None
+
+  def select(self, kept: np.ndarray) -> "Dataset":
+    """The examples at the sorted positions `kept`, re-indexed 0..len(kept)-1 (original_index and files
+    follow them)."""
+    if self.streamed:
+      raise ValueError(f"dataset {self.name!r} is streamed; subsets need it cached in memory")
+    return dataclasses.replace(self, images=self.images[kept], original_index=self.original_index[kept],
+                               files=None if self.files is None else tuple(self.files[i] for i in kept))
+
+  def source_ids(self) -> np.ndarray:
+    """Each example's id in its source: its file path (image folders), else its original index."""
+    return np.asarray(self.files if self.files is not None else self.original_index)
 
   @property
   def num_examples(self) -> int:
@@ -136,7 +150,8 @@ def load(source: str,
     split: "train" or "test" (tfds also accepts its own split names, e.g. stl10's "unlabelled").
     data_dir: tfds data dir (default: tfds' own, usually ~/tensorflow_datasets).
     download: let tfds download and prepare the data if it is not prepared (needs internet).
-    image_size: image folders only: the side S all images are resized/cropped to.
+    image_size: image folders only: the side S all images are resized/cropped to (None: the images'
+      own, when they share one size; see `image_folder`).
     channels: image folders only: 1 or 3 (default 3).
     holdout_fraction: image folders without split subfolders: fraction held out as "test".
     imbalance: "none", "light" (remove 50% of one class) or "heavy" (remove 10% of the first class,
@@ -195,8 +210,7 @@ def random_subset(dataset: Dataset, truth: Optional[GroundTruth], size: int,
   if dataset.streamed:
     raise ValueError(f"subset={size}: dataset {dataset.name!r} is streamed; subsets need it cached in memory")
   kept = np.sort(np.random.default_rng([seed, 1]).choice(dataset.num_examples, size=size, replace=False))
-  subset = dataclasses.replace(dataset, images=dataset.images[kept], original_index=dataset.original_index[kept])
-  return subset, (None if truth is None else dataclasses.replace(truth, labels=truth.labels[kept]))
+  return dataset.select(kept), (None if truth is None else dataclasses.replace(truth, labels=truth.labels[kept]))
 
 
 def imbalanced_subset(dataset: Dataset, truth: GroundTruth, mode: str,
@@ -232,8 +246,7 @@ def imbalanced_subset(dataset: Dataset, truth: GroundTruth, mode: str,
   counts = np.bincount(truth.labels[kept], minlength=num_classes)
   logger.info("%s imbalance of %s: class counts %s (%d of %d examples kept)", mode, dataset.name,
               counts.tolist(), kept.size, dataset.num_examples)
-  return (dataclasses.replace(dataset, images=dataset.images[kept],
-                              original_index=dataset.original_index[kept]),
+  return (dataset.select(kept),
           dataclasses.replace(truth, labels=truth.labels[kept]))
 
 
@@ -442,8 +455,6 @@ def _load_npz(path):
 
 def _load_image_folder(path, split, image_size, channels, holdout_fraction, seed, on_bad):
   from selabel_tf.data import image_folder  # pylint: disable=g-import-not-at-top
-  if image_size is None:
-    raise ValueError(f"image folder {path}: image_size is needed (the side all images are resized to)")
   has_split_dirs = any(os.path.isdir(os.path.join(path, d)) for d in image_folder.SPLIT_NAMES)
   if not has_split_dirs and holdout_fraction is None:
     split = None  # one folder, no holdout: every image is in the (only) split
@@ -451,8 +462,10 @@ def _load_image_folder(path, split, image_size, channels, holdout_fraction, seed
                                           split=split, holdout_fraction=holdout_fraction, seed=seed,
                                           on_bad=on_bad)
   name = os.path.basename(os.path.normpath(path))
+  root = path if split is None or not os.path.isdir(os.path.join(path, split)) else os.path.join(path, split)
   dataset = Dataset(name=name, images=folder.images,
                     original_index=np.arange(len(folder.images), dtype=np.int64),
-                    kind="imagenet" if image_size >= 128 else "small", origin=path)
+                    kind="imagenet" if folder.images.shape[1] >= 128 else "small", origin=root,
+                    files=folder.files)
   truth = None if folder.ground_truth is None else GroundTruth(folder.ground_truth, folder.class_names)
   return dataset, truth

@@ -92,11 +92,9 @@ def restore(run_dir: str, *, random_init: bool = False,
   weights = None if random_init else weights_path(run_dir)
   keras.utils.set_random_seed(config.seed)
   try:
-    dataset, truth = data or sources.load(config.dataset, split=config.split, data_dir=config.data_dir,
-                                          image_size=config.image_size, imbalance=config.imbalance,
-                                          subset=config.train_subset, seed=config.seed)
-  except (FileNotFoundError, ValueError) as e:
-    raise train.ConfigError(f"--run_dir={run_dir}: its dataset {config.dataset}: {e}") from None
+    dataset, truth = data or train.load_dataset(config)
+  except train.ConfigError as e:
+    raise train.ConfigError(f"--run_dir={run_dir}: its {e}") from None
   image_size = config.image_size or int(dataset.images.shape[1])
   model = build_model(config, dataset.num_examples, image_size, dataset.channels,
                       None if truth is None else truth.num_classes, weights)
