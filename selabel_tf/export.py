@@ -33,7 +33,7 @@ import logging
 import os
 import subprocess
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -186,4 +186,22 @@ def export_run_dir(run_dir: str, export_dir: str, *, probe_layers: Optional[Sequ
                       probe_layers=probe_layers or config.probe_layers or None,
                       metadata={"dataset": config.dataset, "split": config.split,
                                 "num_examples": restored.dataset.num_examples,
-                                "run_dir": str(run_dir), "weights": restored.weights})
+                                "run_dir": str(run_dir), "weights": restored.weights,
+                                "run_config": json.loads(config.to_json())})
+
+
+def as_keras_models(export_dir: str) -> Tuple[keras.Model, keras.Model]:
+  """(activations, heads): functional Keras models over an export's signatures, from uint8 images
+  [B, H, W, C] (any size; the export transforms them): `activations` returns the `features` signature's
+  dict (features and the pooled probe layers), `heads` the list of per-head probabilities float32
+  [B, K_t]. Build them inside a strategy's scope to run them distributed. Used by the evaluation of an
+  export (`bin/evaluate --export_dir`)."""
+  metadata = load_metadata(export_dir)
+  images = keras.Input((None, None, metadata["input"]["channels"]), dtype="uint8", name="images")
+  features = keras.layers.TFSMLayer(export_dir, call_endpoint="features", name="export_features")(images)
+  activations = keras.Model(images, dict(features), name="export_activations")
+  probabilities = keras.layers.TFSMLayer(export_dir, call_endpoint="probabilities",
+                                         name="export_probabilities")(images)
+  heads = keras.Model(images, [probabilities[f"head_{t}"] for t in range(len(metadata["heads"]))],
+                      name="export_heads")
+  return activations, heads

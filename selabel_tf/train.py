@@ -360,10 +360,10 @@ def build_strategy(config: TrainConfig, strategy: Optional[tf.distribute.Strateg
   return strategy
 
 
-def _data_error(config: TrainConfig, error: Exception, flag: str = "dataset") -> "ConfigError":
-  """The data layer's error as a ConfigError naming the flags that change the outcome."""
+def data_error(error: Exception, flag: str, value: str) -> "ConfigError":
+  """The data layer's error about `--flag=value` as a ConfigError naming the flags that change the
+  outcome (--skip_bad_images, --image_size)."""
   from selabel_tf.data import image_folder  # pylint: disable=g-import-not-at-top
-  value = getattr(config, flag)
   if isinstance(error, image_folder.BadImageError):
     return ConfigError(f"--{flag}={value}: cannot decode image file {error.path!r}: {error.reason}; fix or "
                        f"remove it, or pass --skip_bad_images to leave undecodable files out")
@@ -391,7 +391,7 @@ def load_dataset(config: TrainConfig, split: Optional[str] = None
                         subset=config.train_subset if train_split else None, seed=config.seed,
                         on_bad="skip" if config.skip_bad_images else "error")
   except (FileNotFoundError, ValueError) as e:
-    raise _data_error(config, e) from None
+    raise data_error(e, "dataset", config.dataset) from None
 
 
 def fixed_labels(config: TrainConfig, dataset: sources.Dataset,
@@ -482,7 +482,7 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
                            imbalance=config.imbalance, subset=config.train_subset, seed=config.seed,
                            on_bad="skip" if config.skip_bad_images else "error")
   except (FileNotFoundError, ValueError) as e:
-    error = _data_error(config, e)
+    error = data_error(e, "dataset", config.dataset)
     raise ConfigError(f"--evaluate: {str(error).split(': ', 1)[1]}; pass --noevaluate, or a labelled "
                       f"--eval_split") from None
 

@@ -157,6 +157,23 @@ def label_pass_dataset(dataset: Dataset,
   return _without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
+def stored_images_dataset(dataset: Dataset, *, batch_size: int) -> tf.data.Dataset:
+  """Every example once, in index order, as {"index", "image": uint8 as stored}, for a model that
+  transforms its input itself (an exported SavedModel).
+
+  Raises:
+    ValueError: a streamed dataset (its images differ in size and cannot be batched as stored).
+  """
+  if dataset.streamed:
+    raise ValueError(f"dataset {dataset.name!r} is streamed (images of varying size): its stored images "
+                     f"cannot be batched as they are")
+  images = _images_tensor(dataset)
+  ds = tf.data.Dataset.range(dataset.num_examples).batch(batch_size).map(
+      lambda index: {"index": index, "image": tf.gather(images, index)},
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def evaluation_dataset(dataset: Dataset, config: augment.AugmentConfig, *, batch_size: int,
                        input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
   """Every example once, in index order, with the evaluation transform (resize, centre crop)."""

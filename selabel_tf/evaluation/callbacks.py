@@ -55,6 +55,8 @@ class EvaluationData:
     image_size: model input side.
     batch_size: global batch of the evaluation passes.
     seed: seed of the streamed probes' augmentation.
+    raw_images: the passes feed the images uint8 as stored, for a model that applies its own
+      evaluation transform (an exported SavedModel); else the evaluation transform is applied here.
   """
   train: sources.Dataset
   train_truth: sources.GroundTruth
@@ -63,6 +65,7 @@ class EvaluationData:
   image_size: int
   batch_size: int = 1024
   seed: int = 0
+  raw_images: bool = False
 
   @property
   def num_classes(self) -> int:
@@ -77,6 +80,8 @@ class EvaluationData:
   def evaluation_dataset(self, name: str) -> tf.data.Dataset:
     """Every example of the split once, in index order, with the evaluation transform."""
     dataset, _ = self.split(name)
+    if self.raw_images:
+      return pipeline.stored_images_dataset(dataset, batch_size=self.batch_size)
     config = dataset.augment_config(self.image_size, "none")
     return pipeline.evaluation_dataset(dataset, config, batch_size=self.batch_size)
 

@@ -1,6 +1,7 @@
 """Evaluating a run directory (`bin/evaluate`): its model, rebuilt from config.json, on its dataset.
 
-`restore(run_dir)` rebuilds a run's model with its weights (for `bin/export` and `bin/label`);
+`restore(run_dir)` rebuilds a run's model with its weights (for `bin/export`);
+`evaluate_export(export_dir)` evaluates an exported SavedModel the same way, through its signatures;
 `evaluate_run_dir(run_dir)` rebuilds the run's `SelaModel` from its `config.json`, loads
 `final.weights.h5` (or, for a run still going, the newest weights of `backup/`; or none with
 `random_init=True`, a random-init network of the same configuration, seeded), loads the run's dataset
@@ -37,8 +38,13 @@ def load_config(run_dir: str, **overrides) -> train.TrainConfig:
     raise RunDirError(f"--run_dir={run_dir}: no such directory")
   if not tf.io.gfile.exists(path):
     raise RunDirError(f"--run_dir={run_dir}: no config.json (not a bin/train run directory)")
-  values = json.loads(files.read_text(path))
-  known = {field.name: field for field in dataclasses.fields(train.TrainConfig)}
+  return config_from_dict(json.loads(files.read_text(path)), **overrides)
+
+
+def config_from_dict(values: dict, **overrides) -> train.TrainConfig:
+  """A TrainConfig from its JSON dict (config.json, an export's run_config), `overrides` applied; keys
+  this version does not know are left out."""
+  known = {field.name for field in dataclasses.fields(train.TrainConfig)}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
   return dataclasses.replace(train.TrainConfig(**values), **overrides)
 
@@ -134,5 +140,44 @@ def evaluate_run_dir(run_dir: str, *, random_init: bool = False, output: Optiona
     metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_selabel/")}
   output = output or os.path.join(run_dir, RANDOM_INIT_FILE if random_init else EVALUATION_FILE)
   if strategy.extended.should_checkpoint:
+    files.write_text(output, json.dumps(metrics, indent=2))
+  return metrics
+
+
+def evaluate_export(export_dir: str, *, output: Optional[str] = None,
+                    strategy: Optional[tf.distribute.Strategy] = None, verbose: int = 1,
+                    **overrides) -> dict:
+  """Evaluates an exported SavedModel as `evaluate_run_dir` evaluates its run: the same suite on the
+  same data (its run's dataset, split, imbalance and subset), through the export's own signatures (its
+  in-graph transform, its pooled activations), so the numbers agree with the run directory's. The
+  self-labels are the run's, not the export's: "cluster_selabel/..." needs the run directory. Writes
+  the metrics to `output` when given; returns them.
+
+  Raises:
+    RunDirError: not an export, or one without its run's configuration.
+    train.ConfigError: an override that is not allowed, or a dataset without a labelled test split.
+  """
+  from selabel_tf import export  # pylint: disable=g-import-not-at-top
+  if not export.is_export(export_dir):
+    raise RunDirError(f"--export_dir={export_dir}: not a selabel_tf export (no {export.METADATA_PATH})")
+  metadata = export.load_metadata(export_dir)
+  if "run_config" not in metadata:
+    raise RunDirError(f"--export_dir={export_dir}: its metadata does not name the run it came from; "
+                      f"evaluate that run with --run_dir, or re-export it with bin/export")
+  config = config_from_dict(metadata["run_config"], **overrides)
+  config.validate()
+  if config.probe_mode != "cached":
+    raise train.ConfigError(f"--probe_mode={config.probe_mode}: an export is evaluated on its pooled "
+                            f"activations; use --probe_mode=cached")
+  keras.utils.set_random_seed(config.seed)
+  strategy = strategy or train.make_strategy(config.strategy)
+  data = dataclasses.replace(train.build_evaluation_data(config, metadata["input"]["image_size"]),
+                             raw_images=True)
+  with strategy.scope():
+    activations, heads = export.as_keras_models(export_dir)
+  metrics = suite.evaluate_model(heads, data, train.evaluation_options(config), activations=activations,
+                                 verbose=verbose)
+  metrics.update(export_dir=str(export_dir), run_dir=metadata.get("run_dir"))
+  if output and strategy.extended.should_checkpoint:
     files.write_text(output, json.dumps(metrics, indent=2))
   return metrics

@@ -62,14 +62,19 @@ def load_data(dataset: str, *, image_size: Optional[int], batch_size: int, train
 
 def build_callbacks(data: eval_callbacks.EvaluationData, options: EvaluationOptions = EvaluationOptions(),
                     *, every_epochs: Optional[int] = None, at_end: bool = True,
-                    log_dir: Optional[str] = None, verbose: int = 0) -> List[keras.callbacks.Callback]:
-  """[KNNCallback, LinearProbeCallback, ClusterMetricsCallback] sharing one `ActivationCache`."""
-  cache = eval_callbacks.ActivationCache(data, [options.knn_layer], heads=True, verbose=verbose)
+                    log_dir: Optional[str] = None, verbose: int = 0,
+                    activations: Optional[keras.Model] = None) -> List[keras.callbacks.Callback]:
+  """[KNNCallback, LinearProbeCallback, ClusterMetricsCallback] sharing one `ActivationCache`;
+  `activations`: a functional model from images to named activations (default: the model's backbone)."""
+  cache = eval_callbacks.ActivationCache(data, [options.knn_layer], heads=True, activations=activations,
+                                         verbose=verbose)
   common = dict(every_epochs=every_epochs, at_end=at_end, cache=cache, log_dir=log_dir, verbose=verbose)
   return [
-      eval_callbacks.KNNCallback(data, layer=options.knn_layer, ks=options.knn_ks, **common),
+      eval_callbacks.KNNCallback(data, layer=options.knn_layer, ks=options.knn_ks, activations=activations,
+                                 **common),
       eval_callbacks.LinearProbeCallback(data, layers=options.probe_layers or None,
-                                         mode=options.probe_mode, options=options.probe, **common),
+                                         mode=options.probe_mode, options=options.probe,
+                                         activations=activations, **common),
       eval_callbacks.ClusterMetricsCallback(data, **common),
   ]
 
@@ -86,10 +91,10 @@ def collect_metrics(callbacks) -> Dict[str, object]:
 
 def evaluate_model(model: keras.Model, data: eval_callbacks.EvaluationData,
                    options: EvaluationOptions = EvaluationOptions(), *, log_dir: Optional[str] = None,
-                   verbose: int = 0) -> Dict[str, object]:
+                   verbose: int = 0, activations: Optional[keras.Model] = None) -> Dict[str, object]:
   """Runs the whole suite on `model` now; returns the merged metrics (with "evaluation_seconds")."""
   start = time.perf_counter()
-  callbacks = build_callbacks(data, options, log_dir=log_dir, verbose=verbose)
+  callbacks = build_callbacks(data, options, log_dir=log_dir, verbose=verbose, activations=activations)
   for callback in callbacks:
     callback.set_model(model)
   for callback in callbacks:
