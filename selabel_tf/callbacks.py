@@ -81,6 +81,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
       e.g. `SelaModel.with_dtype_policy("mixed_bfloat16")` for a mixed-precision pass while training
       in float32.
     log_dir: TensorBoard directory for the labelling metrics (None: Keras logs and the console only).
+    sheet_images: uint8 [N, H, W, C] (C = 1 or 3), the examples in index order: with `log_dir`, each
+      labelling also logs a contact sheet per relabelled head (image summary "selabel_clusters/head_t":
+      a row per cluster, its most confident images by the head's probability of its new label; K-means
+      labels in index order) of the first `sheet_clusters` clusters.
+    sheet_clusters: how many clusters the TensorBoard sheets show.
     verbose: 0 silent, 1 progress bars for the label pass.
   """
 
@@ -101,6 +106,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
                cold_start_balance: Optional[str] = None,
                label_model: Optional[keras.Model] = None,
                log_dir: Optional[str] = None,
+               sheet_images: Optional[np.ndarray] = None,
+               sheet_clusters: int = 8,
                verbose: int = 1):
     super().__init__()
     if num_passes < 1:
@@ -138,6 +145,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
     self.verbose = verbose
     self.last_metrics = {}
     self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+    if sheet_images is not None and len(sheet_images) != self.num_examples:
+      raise ValueError(f"SelfLabelCallback: sheet_images holds {len(sheet_images)} images, not the "
+                       f"num_examples={self.num_examples}")
+    self.sheet_images = sheet_images
+    self.sheet_clusters = int(sheet_clusters)
 
   @classmethod
   def with_schedule(cls, label_pass, num_examples, lam, *, total_steps, num_labellings,
@@ -249,6 +261,17 @@ class SelfLabelCallback(keras.callbacks.Callback):
       return [self.state.labellings_done() % num_heads]
     return list(range(num_heads))
 
+  def _log_sheets(self, labels, heads, log_probs, step):
+    """The contact sheets of the relabelled heads, as image summaries (inside the writer's context)."""
+    from selabel_tf import contact_sheets  # pylint: disable=g-import-not-at-top
+    for t in heads:
+      num_clusters = self.state.num_clusters[t]
+      confidence = (np.zeros(self.num_examples, np.float32) if log_probs is None
+                    else np.exp(log_probs[t][np.arange(self.num_examples), labels[t]]))
+      sheet = contact_sheets.overview(self.sheet_images, labels[t], confidence, num_clusters,
+                                      clusters=range(min(self.sheet_clusters, num_clusters)))
+      tf.summary.image(f"selabel_clusters/head_{t}", sheet[None], step=step)
+
   def relabel(self):
     """Runs the label pass and the labeller now, and stores the new labels of the heads due."""
     start = time.perf_counter()
@@ -309,5 +332,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
         for t in range(labels.shape[0]):
           tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(labels[t] != previous[t])),
                             step=step)
+        if self.sheet_images is not None:
+          self._log_sheets(labels, heads, None if labeller == "kmeans" else pass_outputs, step)
         self._writer.flush()
     return result

@@ -199,7 +199,10 @@ def as_keras_models(export_dir: str) -> Tuple[keras.Model, keras.Model]:
   metadata = load_metadata(export_dir)
   images = keras.Input((None, None, metadata["input"]["channels"]), dtype="uint8", name="images")
   features = keras.layers.TFSMLayer(export_dir, call_endpoint="features", name="export_features")(images)
-  activations = keras.Model(images, dict(features), name="export_activations")
+  # In the metadata's order ("features", then the probe layers shallowest first), not the signature's
+  # arbitrary one: the probes are seeded by position, so the order fixes their initialisation.
+  activations = keras.Model(images, {name: features[name] for name in metadata["signatures"]["features"]},
+                            name="export_activations")
   probabilities = keras.layers.TFSMLayer(export_dir, call_endpoint="probabilities",
                                          name="export_probabilities")(images)
   heads = keras.Model(images, [probabilities[f"head_{t}"] for t in range(len(metadata["heads"]))],

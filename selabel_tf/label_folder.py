@@ -152,6 +152,18 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
   from selabel_tf import train  # pylint: disable=g-import-not-at-top
   from selabel_tf.data import image_folder  # pylint: disable=g-import-not-at-top
   num_clusters = tuple(int(k) for k in num_clusters)
+  if not num_clusters or min(num_clusters) < 2:
+    raise train.ConfigError(f"--clusters={','.join(map(str, num_clusters))} must be a comma list of "
+                            f"ints > 1")
+  # The from-scratch run's configuration; its validation checks the options both ways share.
+  config = train.TrainConfig(
+      dataset=images_dir, run_dir=os.path.join(out_dir, "run"), image_size=image_size,
+      skip_bad_images=skip_bad_images, architecture=architecture, heads=",".join(map(str, num_clusters)),
+      epochs=epochs, nopts=epochs, batch_size=batch_size, lam=lam, evaluate=False, seed=seed,
+      export_dir=os.path.join(out_dir, "model"))
+  config.validate()
+  if rounds < 1:
+    raise train.ConfigError(f"--rounds={rounds} must be >= 1")
   if from_export is not None:
     if not export.is_export(from_export):
       raise train.ConfigError(f"--from_export={from_export}: not a selabel_tf export (no "
@@ -182,16 +194,12 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
     return FolderLabels(folder.files, folder.images, labels, confidence, num_clusters, folder.skipped,
                         "export_features")
   from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  run_dir, model_dir = os.path.join(out_dir, "run"), os.path.join(out_dir, "model")
-  batch = min(batch_size, num_examples)
-  train.run(train.TrainConfig(
-      dataset=images_dir, run_dir=run_dir, image_size=image_size, skip_bad_images=skip_bad_images,
-      architecture=architecture, heads=",".join(map(str, num_clusters)), epochs=epochs, nopts=epochs,
-      batch_size=batch, lam=lam, evaluate=False, seed=seed, export_dir=model_dir))
-  labels = labels_lib.read(os.path.join(run_dir, "labels.npz"))
-  if labels.source_ids.tolist() != list(folder.files):
-    raise RuntimeError(f"{run_dir}: the run's labels are not of the folder's files")  # a defect
-  probabilities = export_outputs(model_dir, folder.images, "probabilities", verbose=verbose)
+  from selabel_tf.data import sources  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(config, batch_size=min(batch_size, num_examples))
+  dataset, _ = sources.from_image_folder(folder, os.path.basename(os.path.normpath(images_dir)), images_dir)
+  train.run(config, data=(dataset, None))
+  labels = labels_lib.read(os.path.join(config.run_dir, "labels.npz"))
+  probabilities = export_outputs(config.export_dir, folder.images, "probabilities", verbose=verbose)
   confidence = np.stack([probabilities[f"head_{t}"][np.arange(num_examples), labels.labels[t]]
                          for t in range(len(num_clusters))]).astype(np.float32)
   return FolderLabels(folder.files, folder.images, labels.labels, confidence, num_clusters, folder.skipped,

@@ -144,6 +144,9 @@ class TrainConfig:
   eval_every_epochs: int = option(0, "Also evaluate every this many epochs (0: only at the end).",
                                   group=_EVALUATION)
   eval_split: str = option("test", "The labelled split the evaluation tests on.", group=_EVALUATION)
+  eval_subset: int = option(0, "Test on a random subset of this many examples of --eval_split (0: all), "
+                            "e.g. to screen quickly; the test figures are then the subset's.",
+                            group=_EVALUATION)
   eval_batch_size: int = option(0, "Global batch of the evaluation passes (0: the label pass's).",
                                 group=_EVALUATION)
   knn_k: Tuple[int, ...] = option((10, 50, 200), "Numbers of neighbours of the weighted kNN.",
@@ -186,6 +189,7 @@ class TrainConfig:
         (self.lam > 0 and math.isfinite(self.lam), f"--lam={self.lam} must be > 0"),
         (self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
         (self.train_subset >= 0, f"--train_subset={self.train_subset} must be >= 0 (0: all examples)"),
+        (self.eval_subset >= 0, f"--eval_subset={self.eval_subset} must be >= 0 (0: all examples)"),
         (self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1"),
         (self.nopts >= 1, f"--nopts={self.nopts} must be >= 1"),
         (self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0"),
@@ -313,8 +317,10 @@ class RunInputs:
 
 
 def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
-        flagfile: Optional[str] = None) -> dict:
-  """Trains SeLa as configured, evaluates it; returns (and writes) the final metrics.
+        flagfile: Optional[str] = None,
+        data: Optional[Tuple[sources.Dataset, Optional[sources.GroundTruth]]] = None) -> dict:
+  """Trains SeLa as configured, evaluates it; returns (and writes) the final metrics. `data`: the
+  (dataset, truth) of --dataset where the caller has loaded it already (bin/label), not read again.
 
   The process is left as it was found: the global dtype policy is restored (op determinism, once
   enabled, cannot be turned off in TensorFlow).
@@ -326,7 +332,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
   previous_policy = keras.mixed_precision.global_policy()
   try:
     strategy = build_strategy(config, strategy)
-    inputs = build_inputs(config, strategy)
+    inputs = build_inputs(config, strategy, data)
     chief = strategy.extended.should_checkpoint
     if chief:
       prepare_run_dir(config)
@@ -435,9 +441,11 @@ def fixed_labels(config: TrainConfig, dataset: sources.Dataset,
   return label_file.labels
 
 
-def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy) -> RunInputs:
-  """Loads the dataset and makes the training and label-pass pipelines (and the evaluation splits)."""
-  dataset, truth = load_dataset(config)
+def build_inputs(config: TrainConfig, strategy: tf.distribute.Strategy,
+                 data: Optional[Tuple[sources.Dataset, Optional[sources.GroundTruth]]] = None) -> RunInputs:
+  """Loads the dataset (unless given as `data`) and makes the training and label-pass pipelines (and the
+  evaluation splits)."""
+  dataset, truth = data or load_dataset(config)
   num_clusters = config.head_sizes(None if truth is None else truth.num_classes)
   num_examples = dataset.num_examples
   for t, k in enumerate(num_clusters):
@@ -479,7 +487,8 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
     return suite.load_data(config.dataset, image_size=image_size or config.image_size,
                            batch_size=config.eval_batch_size or label_batch, train_split=config.split,
                            test_split=config.eval_split, data_dir=config.data_dir,
-                           imbalance=config.imbalance, subset=config.train_subset, seed=config.seed,
+                           imbalance=config.imbalance, subset=config.train_subset,
+                           test_subset=config.eval_subset or None, seed=config.seed,
                            on_bad="skip" if config.skip_bad_images else "error")
   except (FileNotFoundError, ValueError) as e:
     error = data_error(e, "dataset", config.dataset)
@@ -544,7 +553,8 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
                           "pca_dim": max(1, min(config.kmeans_pca_dim, inputs.dataset.num_examples - 1))},
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
-      label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"), verbose=0)
+      label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"),
+      sheet_images=None if inputs.dataset.streamed else inputs.dataset.images, verbose=0)
   evaluation = []
   if inputs.evaluation is not None:
     evaluation = suite.build_callbacks(inputs.evaluation, evaluation_options(config),

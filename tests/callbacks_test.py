@@ -197,3 +197,34 @@ def test_bad_relabel_heads_raises():
   with pytest.raises(ValueError, match=r"relabel_heads must be one of \('all', 'cyclic'\), got 'one'"):
     callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
                                     num_clusters=(2,), relabel_heads="one")
+
+
+def test_each_labelling_logs_contact_sheets_of_the_relabelled_heads_to_tensorboard(tmp_path):
+  from selabel_tf import contact_sheets  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).normal(size=(300,) + SHAPE).astype(np.float32)
+  shown = np.random.default_rng(1).integers(0, 256, size=(300, 16, 16, 1), dtype=np.uint8)
+  model = _sela_model()
+  _perturb(model)
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images, 64), 300, 10.0, steps=[0], verbose=0,
+                                             log_dir=str(tmp_path), sheet_images=shown, sheet_clusters=4)
+  callback.set_model(model)
+  callback.relabel()
+  log_probs = callback.collect_log_probs()  # the same weights and data: the pass the labelling read
+  labels = model.label_state.current_labels()
+  logged = {}
+  for path in sorted(tmp_path.iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag.startswith("selabel_clusters/"):
+          logged[value.tag] = tf.io.decode_png(tf.make_ndarray(value.tensor)[2]).numpy()
+  assert sorted(logged) == ["selabel_clusters/head_0", "selabel_clusters/head_1"]
+  for t, num_shown in ((0, 4), (1, 3)):  # heads of 5 and 3 clusters, at most 4 shown
+    confidence = np.exp(log_probs[t][np.arange(300), labels[t]])
+    expected = contact_sheets.overview(shown, labels[t], confidence, (5, 3)[t], clusters=range(num_shown))
+    np.testing.assert_array_equal(logged[f"selabel_clusters/head_{t}"], expected)
+
+
+def test_sheet_images_must_cover_the_examples():
+  with pytest.raises(ValueError, match="sheet_images holds 3 images, not the num_examples=4"):
+    callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
+                                    num_clusters=(2,), sheet_images=np.zeros((3, 16, 16, 1), np.uint8))

@@ -15,7 +15,10 @@ from selabel_tf import export
 from selabel_tf import files
 from selabel_tf import train
 from selabel_tf.data import augment
+from selabel_tf.evaluation import probes
 from selabel_tf.evaluation import run_dir as run_dir_lib
+
+from programs import error_lines, run_program, subprocess_program  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +59,12 @@ def exported(tmp_path_factory):
   transform = restored.dataset.augment_config(28, "none")
   activations = restored.model.backbone(augment.evaluation_batch(images, transform), training=False)
   probabilities = [tf.nn.softmax(l).numpy() for l in restored.model.heads(activations["features"])]
+  layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
+  pooled = probes.activation_pooling(restored.model.backbone, layers)(activations)  # as the probes read them
   np.save(base / "images.npy", images)
   return {"dir": base / "export", "run_dir": config.run_dir, "base": base, "images": images,
           "features": activations["features"].numpy(), "probabilities": probabilities,
-          "restored": restored}
+          "pooled": {layer: pooled[layer].numpy() for layer in layers}, "restored": restored}
 
 
 def test_plain_tensorflow_loads_the_export_without_selabel_tf(exported):
@@ -84,8 +89,9 @@ def test_plain_tensorflow_loads_the_export_without_selabel_tf(exported):
   assert result.returncode == 0, result.stderr[-3000:]
   out = np.load(exported["base"] / "plain.npz")
   np.testing.assert_allclose(out["features/features"], exported["features"], atol=1e-5)
-  for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
-    assert out[f"features/{layer}"].shape[0] == 64 and out[f"features/{layer}"].dtype == np.float32
+  for layer, expected in exported["pooled"].items():
+    assert out[f"features/{layer}"].dtype == np.float32
+    np.testing.assert_allclose(out[f"features/{layer}"], expected, atol=1e-5, err_msg=layer)
   for t, expected in enumerate(exported["probabilities"]):
     np.testing.assert_allclose(out[f"probabilities/head_{t}"], expected, atol=1e-5)
   clusters = out["assign/clusters"]
@@ -188,9 +194,8 @@ def test_export_and_run_dir_files_go_through_gfile_ram_filesystem(exported):
 
 
 def _export_cli(*flags):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "export"), *flags],
-                        capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  """bin/export in this process (tests/programs.py)."""
+  return run_program("export", *flags)
 
 
 @pytest.mark.parametrize("make_flags,needle", [
@@ -200,9 +205,11 @@ def _export_cli(*flags):
      "probe layer 'fc9' is not an output"),
 ])
 def test_bin_export_bad_input_exits_2_with_one_line(exported, tmp_path, make_flags, needle):
-  result = _export_cli(*make_flags(exported, tmp_path))
+  flags = make_flags(exported, tmp_path)
+  run = subprocess_program if "--run_dir is required" in needle else run_program  # one end to end
+  result = run("export", *flags)
   assert result.returncode == 2
-  lines = [line for line in result.stderr.splitlines() if line.startswith("export:")]
+  lines = error_lines(result, "export")
   assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "x").exists()
@@ -215,6 +222,30 @@ def test_bin_export_writes_a_loadable_export(exported, tmp_path):
   loaded = tf.saved_model.load(str(tmp_path / "cli"))
   np.testing.assert_allclose(loaded.signatures["features"](images=tf.constant(exported["images"]))["features"],
                              exported["features"], atol=1e-5)
+
+
+def test_bin_evaluate_of_the_export_gives_its_run_dirs_numbers(exported, tmp_path):
+  """The same evaluation of the run directory and of its export, on 500 real test images: the export's
+  in-graph transform and signatures give the run's activations (within 1e-5, above; the same once stored
+  as float16), hence the same neighbours, head argmaxes and probes (seeded, layer by layer in the same
+  order)."""
+  common = ["--probe_epochs=2", "--knn_k=3,10", "--eval_subset=500", "--verbose=0"]
+  results = {}
+  for name, flag in (("run", f"--run_dir={exported['run_dir']}"), ("export", f"--export_dir={exported['dir']}")):
+    result = run_program("evaluate", flag, *common, f"--output={tmp_path / name}.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weighted kNN top-1 (test)" in result.stdout
+    with open(tmp_path / f"{name}.json") as f:
+      results[name] = json.load(f)
+  from_run, from_export = results["run"], results["export"]
+  assert from_export["export_dir"] == str(exported["dir"]) and from_export["run_dir"] == exported["run_dir"]
+  compared = [k for k in from_run if k.startswith(("knn_top1/", "cluster_test/", "probe_"))
+              and not k.endswith("_seconds") and k != "probe_best_layer"]
+  assert len(compared) > 20 and not set(compared) - set(from_export)
+  assert not any(k.startswith("cluster_selabel/") for k in from_export)  # the self-labels are the run's
+  for key in compared:
+    assert from_export[key] == pytest.approx(from_run[key], abs=1e-6), key
+  assert from_export["probe_best_layer"] == from_run["probe_best_layer"]
 
 
 def test_a_run_writes_its_labels_as_csv_that_load_reads_back_as_the_npz(exported, tmp_path):

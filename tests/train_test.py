@@ -3,9 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,6 +10,8 @@ import tensorflow as tf
 from selabel_tf import schedule
 from selabel_tf import train
 from selabel_tf.modeling.sela import SelaModel
+
+from programs import error_lines, run_program, subprocess_program  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,10 +102,14 @@ def test_readme_own_model_example_runs():
 # bin/train: bad input exits 2 with one line naming the flag.
 
 
-def _train_cli(*flags, cwd=ROOT):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "train"), *flags], cwd=cwd,
-                        capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+def _train_cli(*flags):
+  """bin/train in this process (tests/programs.py); the subprocess cases below run the executable."""
+  return run_program("train", *flags)
+
+
+# Run as their own process: the exit code, the one line and no traceback, end to end (and --cpu_devices,
+# which must split the CPU before TensorFlow starts).
+_TRAIN_SUBPROCESS_CASES = ("flagfile", "batch")
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +138,10 @@ def tiny_npz(make_npz):
     ("train_subset", ["--train_subset=65"], "subset=65 must be between 1 and the 64 examples"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_path):
-  del name
-  result = _train_cli(f"--dataset={tiny_npz}", f"--run_dir={tmp_path / 'run'}", *flags)
+  run = (lambda *a: subprocess_program("train", *a)) if name in _TRAIN_SUBPROCESS_CASES else _train_cli
+  result = run(f"--dataset={tiny_npz}", f"--run_dir={tmp_path / 'run'}", *flags)
   assert result.returncode == 2, result.stderr[-2000:]
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  lines = error_lines(result, "train")
   assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
 
@@ -155,6 +158,7 @@ def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_
     (["--cold_start_labeller=spectral"], "--cold_start_labeller=spectral: value should be one of"),
     (["--labeller=kmeans", "--cold_start_labeller=sinkhorn"], "--cold_start_labeller=sinkhorn with --labeller=kmeans"),
     (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
+    (["--eval_subset=-5"], "--eval_subset=-5 must be >= 0"),
 ])
 def test_flag_values_that_are_not_allowed_name_the_flag(flags, needle):
   """The same path as bin/train (flags from TrainConfig's table, then validate), in this process; the
@@ -202,8 +206,7 @@ _GROUPS = {"train": ["data:", "model:", "optimisation:", "self-labelling:", "eva
 @pytest.mark.parametrize("program,flag", [("train", "--help"), ("train", "--helpfull"), ("evaluate", "-h")])
 def test_every_program_prints_its_flags_with_help(program, flag):
   groups = _GROUPS[program]
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "bin", program), flag], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  result = (subprocess_program if flag == "--help" else run_program)(program, flag)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith(f"usage: {program} ")
   for group in groups:
@@ -265,9 +268,8 @@ def test_a_run_writes_a_complete_run_dir_with_its_evaluation(finished_run):
 
 
 def _evaluate_cli(*flags):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "evaluate"), *flags],
-                        capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  """bin/evaluate in this process (tests/programs.py)."""
+  return run_program("evaluate", *flags)
 
 
 def test_bin_evaluate_writes_evaluation_json_and_a_table(finished_run, tmp_path):
@@ -299,14 +301,19 @@ def test_bin_evaluate_writes_evaluation_json_and_a_table(finished_run, tmp_path)
 
 @pytest.mark.parametrize("make_flags,needle", [
     (lambda run_dir, tmp: [f"--run_dir={tmp / 'nowhere'}"], "no such directory"),
-    (lambda run_dir, tmp: [], "--run_dir is required"),
+    (lambda run_dir, tmp: [], "pass exactly one of --run_dir"),
+    (lambda run_dir, tmp: [f"--run_dir={run_dir}", f"--export_dir={tmp}"], "pass exactly one of --run_dir"),
+    (lambda run_dir, tmp: [f"--export_dir={tmp}"], "not a selabel_tf export"),
+    (lambda run_dir, tmp: [f"--export_dir={tmp}", "--random_init"], "--random_init needs --run_dir"),
     (lambda run_dir, tmp: [f"--run_dir={run_dir}", "--knn_k=0"], "--knn_k=0 must be"),
 ])
 def test_bin_evaluate_bad_input_exits_2_with_one_line(finished_run, tmp_path, make_flags, needle):
   _, run_dir = finished_run
-  result = _evaluate_cli(*make_flags(run_dir, tmp_path))
+  flags = make_flags(run_dir, tmp_path)
+  run = subprocess_program if not flags else run_program  # one case end to end, as its own process
+  result = run("evaluate", *flags)
   assert result.returncode == 2, result.stderr[-2000:]
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("evaluate: error:")]
+  lines = error_lines(result, "evaluate")
   assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
 
@@ -340,10 +347,12 @@ def test_run_leaves_the_dtype_policy_as_it_found_it(make_npz, tmp_path):
 
 def test_the_default_config_smoke_run_writes_a_complete_run_dir(tmp_path):
   """configs/fashion_mnist.cfg as the README's first command runs it, shortened: a 1,024-image subset of the
-  real Fashion-MNIST, one epoch; the run directory and metrics.json are complete."""
+  real Fashion-MNIST, one epoch, tested on 1,000 test images; the run directory and metrics.json are
+  complete."""
   run_dir = tmp_path / "run"
   result = _train_cli("--flagfile=" + os.path.join(ROOT, "configs", "fashion_mnist.cfg"), f"--run_dir={run_dir}",
-                      "--train_subset=1024", "--epochs=1", "--probe_epochs=1", "--eval_batch_size=512")
+                      "--train_subset=1024", "--eval_subset=1000", "--epochs=1", "--probe_epochs=1",
+                      "--eval_batch_size=512")
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("config.json", "flags.txt", "labels.npz", "final.weights.h5", "metrics.json"):
     assert (run_dir / name).is_file(), name
@@ -362,6 +371,23 @@ def test_the_default_config_smoke_run_writes_a_complete_run_dir(tmp_path):
   assert metrics["num_examples"] == 1024 and len(metrics["nmi"]) == heads
   labels = np.load(run_dir / "labels.npz")["labels"]
   assert labels.shape == (heads, 1024)
+
+
+def test_eval_subset_tests_on_a_seeded_subset_of_the_test_split():
+  from selabel_tf.data import sources  # pylint: disable=g-import-not-at-top
+  full, full_truth = sources.load("fashion_mnist", split="test")
+  chosen = []
+  for seed in (3, 4):
+    data = train.build_evaluation_data(train.TrainConfig(dataset="fashion_mnist", train_subset=100,
+                                                         eval_subset=1000, seed=seed))
+    index = data.test.original_index
+    assert data.test.num_examples == 1000 == len(np.unique(index)) and data.train.num_examples == 100
+    np.testing.assert_array_equal(data.test.images, full.images[index])
+    np.testing.assert_array_equal(data.test_truth.labels, full_truth.labels[index])
+    chosen.append(index)
+  assert not np.array_equal(chosen[0], chosen[1])
+  whole = train.build_evaluation_data(train.TrainConfig(dataset="fashion_mnist", train_subset=100))
+  assert whole.test.num_examples == 10000
 
 
 def test_supervised_trains_one_head_on_the_classes_and_never_relabels(make_npz, tmp_path):
@@ -400,7 +426,7 @@ def test_bin_train_on_an_image_folder_uses_its_size_and_writes_file_paths(tmp_pa
             "--noevaluate", "--strategy=default"]
   result = _train_cli(*common)
   assert result.returncode == 2 and "Traceback" not in result.stderr
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  lines = error_lines(result, "train")
   assert len(lines) == 1 and "broken.png" in lines[0] and "--skip_bad_images" in lines[0], result.stderr[-2000:]
   assert "on_bad" not in lines[0]
   result = _train_cli(*common, "--skip_bad_images")
@@ -418,7 +444,7 @@ def test_bin_train_on_an_image_folder_of_mixed_sizes_asks_for_image_size(tmp_pat
   folder = _image_folder(tmp_path / "images", 6)
   _image_folder(tmp_path / "images" / "a", 1, size=(40, 30))
   result = _train_cli(f"--dataset={folder}", f"--run_dir={tmp_path / 'run'}", "--heads=2", "--batch_size=4")
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  lines = error_lines(result, "train")
   assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
   assert "32x32 (6 files), 40x30 (1 files)" in lines[0] and "--image_size" in lines[0]
 
@@ -454,7 +480,7 @@ def test_labels_from_a_file_that_does_not_fit_exits_2_with_one_line(tiny_npz, tm
   np.savez(source, labels=labels, source_ids=np.arange(labels.shape[1]))
   result = _train_cli(f"--dataset={tiny_npz}", f"--run_dir={tmp_path / 'run'}", f"--labels_from={source}",
                       f"--heads={heads}", "--batch_size=16")
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train: error:")]
+  lines = error_lines(result, "train")
   assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   del labels_lib

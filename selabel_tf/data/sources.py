@@ -461,11 +461,15 @@ def _load_image_folder(path, split, image_size, channels, holdout_fraction, seed
   folder = image_folder.load_image_folder(path, image_size=image_size, channels=channels or 3,
                                           split=split, holdout_fraction=holdout_fraction, seed=seed,
                                           on_bad=on_bad)
-  name = os.path.basename(os.path.normpath(path))
   root = path if split is None or not os.path.isdir(os.path.join(path, split)) else os.path.join(path, split)
+  return from_image_folder(folder, os.path.basename(os.path.normpath(path)), root)
+
+
+def from_image_folder(folder, name: str, origin: str) -> Tuple[Dataset, Optional[GroundTruth]]:
+  """(dataset, truth) of a loaded `image_folder.ImageFolder` (truth: None without class subfolders)."""
   dataset = Dataset(name=name, images=folder.images,
                     original_index=np.arange(len(folder.images), dtype=np.int64),
-                    kind="imagenet" if folder.images.shape[1] >= 128 else "small", origin=root,
+                    kind="imagenet" if folder.images.shape[1] >= 128 else "small", origin=origin,
                     files=folder.files)
   truth = None if folder.ground_truth is None else GroundTruth(folder.ground_truth, folder.class_names)
   return dataset, truth

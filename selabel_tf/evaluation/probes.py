@@ -154,12 +154,13 @@ class ActivationPooling(keras.layers.Layer):
                     else int(np.prod(shape))) for layer, shape in self.shapes.items()}
 
   def call(self, activations):
-    pooled = {}
+    pooled, dimensions = {}, self.dimensions()
     for layer in self.shapes:
       x = activations[layer]
       if layer in self.pools:
         x = self.pools[layer](x)
-      pooled[layer] = tf.cast(tf.reshape(x, (tf.shape(x)[0], -1)), tf.float32)
+      # The static width, so that a traced signature (the export's) declares [B, d_layer].
+      pooled[layer] = tf.cast(tf.reshape(x, (-1, dimensions[layer])), tf.float32)
     return pooled
 
   def get_config(self):

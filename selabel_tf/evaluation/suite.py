@@ -38,9 +38,10 @@ class EvaluationOptions:
 
 def load_data(dataset: str, *, image_size: Optional[int], batch_size: int, train_split: str = "train",
               test_split: str = "test", data_dir: Optional[str] = None, imbalance: str = "none",
-              subset: Optional[int] = None, seed: int = 0, **load_options) -> eval_callbacks.EvaluationData:
-  """The labelled train split (as trained on, imbalance and subset included) and the full test split; image_size
-  None: the images' own.
+              subset: Optional[int] = None, test_subset: Optional[int] = None, seed: int = 0,
+              **load_options) -> eval_callbacks.EvaluationData:
+  """The labelled train split (as trained on, imbalance and subset included) and the test split (all of it,
+  or a random `test_subset` of it, drawn with `seed`); image_size None: the images' own.
 
   Raises:
     ValueError: a split without class labels (nothing to evaluate against), naming it.
@@ -48,7 +49,7 @@ def load_data(dataset: str, *, image_size: Optional[int], batch_size: int, train
   train, train_truth = sources.load(dataset, split=train_split, data_dir=data_dir, image_size=image_size,
                                     imbalance=imbalance, subset=subset, seed=seed, **load_options)
   test, test_truth = sources.load(dataset, split=test_split, data_dir=data_dir, image_size=image_size,
-                                  seed=seed, **load_options)
+                                  subset=test_subset, seed=seed, **load_options)
   for name, truth in ((train_split, train_truth), (test_split, test_truth)):
     if truth is None:
       raise ValueError(f"dataset {dataset!r} split {name!r} has no class labels to evaluate against")
