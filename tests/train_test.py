@@ -77,6 +77,26 @@ def test_label_state_is_checkpointed_with_the_model(tmp_path):
   assert np.array_equal(restored.label_state.warm_start()[0], np.arange(5.0))
 
 
+def test_dropout_seed_state_is_checkpointed_with_the_model(tmp_path):
+  model = SelaModel("alexnet_small", (16, 16, 1), (3,), 10, name="sela")
+  model.build()
+  states = model.seed_generator_states()
+  assert len(states) == 2  # fc6's and fc7's dropout
+  for _ in range(3):
+    model(tf.zeros((2, 16, 16, 1)), training=True)
+  path = str(tmp_path / "m.weights.h5")
+  model.save_weights(path)
+  restored = SelaModel("alexnet_small", (16, 16, 1), (3,), 10, name="sela")
+  restored.build()
+  assert not np.array_equal(restored.seed_generator_states()[0].numpy(), states[0].numpy())
+  restored.load_weights(path)
+  for a, b in zip(restored.seed_generator_states(), states):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  images = tf.random.stateless_uniform((4, 16, 16, 1), seed=(1, 2))
+  np.testing.assert_array_equal(restored(images, training=True)[0].numpy(),
+                                model(images, training=True)[0].numpy())  # the same next dropout masks
+
+
 # --------------------------------------------------------------------------------------------------
 # The README example: a user's own functional model with the callback.
 

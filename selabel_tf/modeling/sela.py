@@ -182,6 +182,35 @@ class SelaModel(keras.Model):
       return None
     return self.with_dtype_policy(dtype_policy)
 
+  # Keras saves a layer's weights, not the states of its SeedGenerators (dropout's): without them a run
+  # restored from a backup would draw the dropout masks of its first steps again, and a deterministic
+  # run killed and resumed would not end where an uninterrupted one does. They are saved beside the
+  # model's own variables ("seed_generator_i"); a file without them (an older one) leaves them as they are.
+  _SEED_KEY = "seed_generator_"
+
+  def seed_generator_states(self) -> list:
+    """The states of every SeedGenerator in the model (the variables that are not weights), in order."""
+    weights = {id(w) for w in self.weights}
+    return [v for v in self.variables if id(v) not in weights]
+
+  def save_own_variables(self, store):
+    super().save_own_variables(store)
+    for i, state in enumerate(self.seed_generator_states()):
+      store[f"{self._SEED_KEY}{i}"] = state
+
+  def load_own_variables(self, store):
+    keys = list(store.keys())
+    seeds = sorted((k for k in keys if k.startswith(self._SEED_KEY)), key=lambda k: int(k[len(self._SEED_KEY):]))
+    super().load_own_variables({k: store[k] for k in keys if not k.startswith(self._SEED_KEY)})
+    if not seeds:
+      return
+    states = self.seed_generator_states()
+    if len(seeds) != len(states):
+      raise ValueError(f"the weights file holds {len(seeds)} seed generator states, this model has "
+                       f"{len(states)}")
+    for key, state in zip(seeds, states):
+      state.assign(store[key])
+
   def get_config(self):
     return {"architecture": self.architecture, "image_shape": list(self.image_shape),
             "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,
