@@ -109,13 +109,13 @@ def test_readme_own_model_example_runs():
   exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   callback, labels = namespace["callback"], namespace["labels"]
   assert int(callback.state.num_labellings.numpy()) == 2
-  assert labels.shape == (2, 60000)
+  assert labels.shape == (2, 10000)
   # The labeller's soft assignment is equipartitioned to tol; the argmax labels of a barely trained
   # network are rougher, but use every cluster and are no longer the initial index mod K.
   assert callback.last_metrics["selabel_marginal_error"] <= 0.1
   for head in labels:
     assert np.bincount(head, minlength=10).min() > 0
-    assert np.mean(head != np.arange(60000) % 10) > 0.5
+    assert np.mean(head != np.arange(10000) % 10) > 0.5
 
 
 # --------------------------------------------------------------------------------------------------
