@@ -137,8 +137,10 @@ def export_model(model, export_dir: str, transform: augment.AugmentConfig, *,
   def metadata_fn():
     return {"json": tf.constant(text)}
 
+  # Not `archive.track(model)`: the endpoints track the variables they use, and tracking the model too
+  # writes every weight twice (keras-team/keras#23553: its keras.Variable wrappers and the endpoints' tf
+  # variables are different trackables), doubling the export and its consumers' memory.
   archive = keras.export.ExportArchive()
-  archive.track(model)
   archive.add_endpoint("features", features_fn, input_signature=[spec])
   archive.add_endpoint("probabilities", probabilities_fn, input_signature=[spec])
   archive.add_endpoint("assign", assign_fn, input_signature=[spec])

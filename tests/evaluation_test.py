@@ -190,6 +190,26 @@ def test_cluster_metrics_callback_matches_scikit_learn_on_the_model(data):
   assert metrics["cluster_selabel/head_1/majority_accuracy"] >= 0  # K = 5 > 3 classes
 
 
+def test_cluster_metrics_of_a_model_without_label_state_count_its_empty_clusters(data):
+  """K of each head comes from its output width (as for an export's heads), not from the labels seen:
+  a head of 5 clusters whose argmax is always cluster 0 has 4 empty clusters and size entropy 0 / log 5."""
+  images = keras.Input((SIZE, SIZE, 1))
+  flat = keras.layers.Flatten()(images)
+  activations = keras.Model(images, {"features": keras.layers.Dense(4)(flat)})
+  head = keras.layers.Dense(5, kernel_initializer="zeros",
+                            bias_initializer=keras.initializers.Constant([5.0, 0, 0, 0, 0]))
+  heads = keras.Model(images, [head(flat)])
+  cache = eval_callbacks.ActivationCache(data, ["features"], heads=True, activations=activations)
+  callback = eval_callbacks.ClusterMetricsCallback(data, cache=cache)
+  callback.set_model(heads)
+  metrics = callback.evaluate()
+  expected = cluster_metrics.cluster_metrics(np.zeros(50, np.int64), data.test_truth.labels, num_clusters=5)
+  assert expected["size_min"] == 0 and expected["size_max"] == 50
+  for name, value in expected.items():
+    assert metrics[f"cluster_test/head_0/{name}"] == pytest.approx(value, abs=1e-9), name
+  assert not any(k.startswith("cluster_selabel/") for k in metrics)
+
+
 def test_knn_callback_equals_the_knn_of_the_model_features(data):
   model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
   callback = eval_callbacks.KNNCallback(data, ks=(3, 7))

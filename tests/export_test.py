@@ -224,6 +224,17 @@ def test_bin_export_writes_a_loadable_export(exported, tmp_path):
                              exported["features"], atol=1e-5)
 
 
+def test_the_export_stores_each_weight_once(exported):
+  """The checkpoint holds the backbone's and heads' weights once (tracking the model as well as the
+  endpoints wrote each twice, keras-team/keras#23553), and nothing else of the model."""
+  model = exported["restored"].model
+  expected = sum(int(np.prod(w.shape)) for w in model.backbone.weights + model.heads.weights)
+  reader = tf.train.load_checkpoint(str(exported["dir"] / "variables" / "variables"))
+  stored = [shape for key, shape in reader.get_variable_to_shape_map().items()
+            if key.endswith("VARIABLE_VALUE")]
+  assert sum(int(np.prod(shape)) for shape in stored) == expected
+
+
 def test_bin_evaluate_of_the_export_gives_its_run_dirs_numbers(exported, tmp_path):
   """The same evaluation of the run directory and of its export, on 500 real test images: the export's
   in-graph transform and signatures give the run's activations (within 1e-5, above; the same once stored

@@ -24,7 +24,7 @@ training step then serves all of them.
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
@@ -405,8 +405,20 @@ class ClusterMetricsCallback(_EvaluationCallback):
         values = cluster_metrics_lib.cluster_metrics(labels, self.data.train_truth.labels, num_clusters=k)
         metrics.update({f"cluster_selabel/head_{t}/{name}": v for name, v in values.items()})
     predictions = self.cache.get(self.model, "test")["heads"]
-    num_clusters = getattr(self.state, "num_clusters", None) or [None] * len(predictions)
+    num_clusters = (getattr(self.state, "num_clusters", None) or _output_widths(self.model)
+                    or [None] * len(predictions))
     for t, (labels, k) in enumerate(zip(predictions, num_clusters)):
       values = cluster_metrics_lib.cluster_metrics(labels, self.data.test_truth.labels, num_clusters=k)
       metrics.update({f"cluster_test/head_{t}/{name}": v for name, v in values.items()})
     return metrics
+
+
+def _output_widths(model) -> Optional[List[int]]:
+  """K per head of a functional model's outputs [B, K_t] (e.g. an export's heads), else None: without a
+  label state, a head's K comes from its output width, so clusters that no test image falls in count."""
+  outputs = getattr(model, "outputs", None)
+  try:
+    widths = [int(output.shape[-1]) for output in outputs]
+  except (TypeError, AttributeError, IndexError):
+    return None
+  return widths or None
