@@ -196,7 +196,7 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
   from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from selabel_tf.data import sources  # pylint: disable=g-import-not-at-top
   config = dataclasses.replace(config, batch_size=min(batch_size, num_examples))
-  dataset, _ = sources.from_image_folder(folder, os.path.basename(os.path.normpath(images_dir)), images_dir)
+  dataset, _ = sources.from_image_folder(folder, images_dir)
   train.run(config, data=(dataset, None))
   labels = labels_lib.read(os.path.join(config.run_dir, "labels.npz"))
   probabilities = export_outputs(config.export_dir, folder.images, "probabilities", verbose=verbose)

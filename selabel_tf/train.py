@@ -488,7 +488,7 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
                            batch_size=config.eval_batch_size or label_batch, train_split=config.split,
                            test_split=config.eval_split, data_dir=config.data_dir,
                            imbalance=config.imbalance, subset=config.train_subset,
-                           test_subset=config.eval_subset or None, seed=config.seed,
+                           test_subset=config.eval_subset, seed=config.seed,
                            on_bad="skip" if config.skip_bad_images else "error")
   except (FileNotFoundError, ValueError) as e:
     error = data_error(e, "dataset", config.dataset)

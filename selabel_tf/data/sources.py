@@ -462,14 +462,16 @@ def _load_image_folder(path, split, image_size, channels, holdout_fraction, seed
                                           split=split, holdout_fraction=holdout_fraction, seed=seed,
                                           on_bad=on_bad)
   root = path if split is None or not os.path.isdir(os.path.join(path, split)) else os.path.join(path, split)
-  return from_image_folder(folder, os.path.basename(os.path.normpath(path)), root)
+  return from_image_folder(folder, path, origin=root)
 
 
-def from_image_folder(folder, name: str, origin: str) -> Tuple[Dataset, Optional[GroundTruth]]:
-  """(dataset, truth) of a loaded `image_folder.ImageFolder` (truth: None without class subfolders)."""
-  dataset = Dataset(name=name, images=folder.images,
+def from_image_folder(folder, path: str, origin: Optional[str] = None
+                      ) -> Tuple[Dataset, Optional[GroundTruth]]:
+  """(dataset, truth) of `image_folder.ImageFolder` `folder` loaded from `path` (the dataset is named
+  after it; `origin`: the directory read, default `path`); truth: None without class subfolders."""
+  dataset = Dataset(name=os.path.basename(os.path.normpath(path)), images=folder.images,
                     original_index=np.arange(len(folder.images), dtype=np.int64),
-                    kind="imagenet" if folder.images.shape[1] >= 128 else "small", origin=origin,
+                    kind="imagenet" if folder.images.shape[1] >= 128 else "small", origin=origin or path,
                     files=folder.files)
   truth = None if folder.ground_truth is None else GroundTruth(folder.ground_truth, folder.class_names)
   return dataset, truth
