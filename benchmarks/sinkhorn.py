@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from selabel_tf import labeller
+from selabel_tf import solvers
 
 
 def define_flags():
@@ -156,13 +157,13 @@ def timed(fn, reps):
 
 def prepare(head, lam, storage_dtype):
   """The kernel P^lam as the labeller holds it: (tuple of row chunks, block_rows)."""
-  solver = labeller._LocalHead(head, lam, "float32", storage_dtype, "CPU")  # pylint: disable=protected-access
+  solver = solvers.LocalHeadSolver(head, lam, "float32", storage_dtype, "CPU")
   solver.build_kernel(np.zeros(head.shape[1]))
   return solver.power, solver.block_rows
 
 
 def selabel_ms_per_iter(power, block_rows, iters):
-  solve = labeller._solver_for(block_rows)  # pylint: disable=protected-access
+  solve = solvers._solver_for(block_rows)  # pylint: disable=protected-access
   num_clusters = int(power[0].shape[1])
   r = tf.fill([num_clusters], 1.0 / num_clusters)
   zero_tol, no_limit = tf.constant(0.0), tf.constant(np.inf, tf.float32)
