@@ -12,6 +12,7 @@ the model. With a model of your own, the callback makes a state; `with_self_labe
 {"index", "image"} batches into (image, labels) for a plain `compile(loss=...)`.
 """
 
+import dataclasses
 import logging
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -20,7 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from selabel_tf import distribution
 from selabel_tf import inference
+from selabel_tf import label_store as label_store_lib
 from selabel_tf import labeller as sinkhorn_labeller
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.modeling.sela import SelfLabelState
@@ -31,6 +34,11 @@ LABELLERS = ("sinkhorn", "kmeans")
 # Which heads a labelling re-assigns: every head, or one head in turn (head = labellings done mod T, as
 # the official CIFAR code's head = epoch mod T) while the others keep their labels.
 RELABEL_HEADS = ("all", "cyclic")
+# Where the Sinkhorn-Knopp labelling holds the label pass: "gathered" (every worker holds all N, as
+# one process would) or "sharded" (each replica keeps its own examples; `assign_labels_sharded`, only
+# [K] vectors cross replicas per iteration, the int32 labels are gathered once at the end); "auto":
+# sharded under a strategy with more than one worker.
+LABEL_SHARDING = ("auto", "gathered", "sharded")
 
 
 def with_self_labels(dataset: tf.data.Dataset, state: SelfLabelState) -> tf.data.Dataset:
@@ -80,6 +88,16 @@ class SelfLabelCallback(keras.callbacks.Callback):
       weights copied into it before each pass, so it must have the same weights in the same order:
       e.g. `SelaModel.with_dtype_policy("mixed_bfloat16")` for a mixed-precision pass while training
       in float32.
+    label_store: what the label pass keeps for the Sinkhorn-Knopp labeller: "log_probs" (every head's
+      [N, K_t] float32) or "features" (the model's "features" vector once, [N, D] in `feature_dtype`,
+      each head's log-probabilities computed from it when that head is labelled: for many heads of
+      large K, e.g. ImageNet's 3000 x 10; see `selabel_tf.label_store`). "features" needs a model
+      with `features(images)` and `linear_heads()` (as `SelaModel`) and `num_passes=1`.
+    feature_dtype: dtype of the stored features with label_store="features".
+    matmul_dtype: dtype of the heads' product with label_store="features" ("bfloat16" is fast on
+      hardware with bfloat16 units and rounds the logits to bfloat16).
+    label_sharding: "auto", "gathered" or "sharded" (see `LABEL_SHARDING`; the K-means labeller and
+      balance="exact" always gather).
     log_dir: TensorBoard directory for the labelling metrics (None: Keras logs and the console only).
     sheet_images: uint8 [N, H, W, C] (C = 1 or 3), the examples in index order: with `log_dir`, each
       labelling also logs a contact sheet per relabelled head (image summary "selabel_clusters/head_t":
@@ -105,6 +123,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
                cold_start_options: Optional[dict] = None,
                cold_start_balance: Optional[str] = None,
                label_model: Optional[keras.Model] = None,
+               label_store: str = "log_probs",
+               feature_dtype: str = "bfloat16",
+               matmul_dtype: str = "float32",
+               label_sharding: str = "auto",
                log_dir: Optional[str] = None,
                sheet_images: Optional[np.ndarray] = None,
                sheet_clusters: int = 8,
@@ -142,6 +164,23 @@ class SelfLabelCallback(keras.callbacks.Callback):
                        f"{sinkhorn_labeller.BALANCE_MODES}, got {cold_start_balance!r}")
     self.cold_start_balance = cold_start_balance
     self.label_model = label_model
+    if label_store not in label_store_lib.STORES:
+      raise ValueError(f"SelfLabelCallback: label_store must be one of {label_store_lib.STORES}, got "
+                       f"{label_store!r}")
+    if feature_dtype not in label_store_lib.FEATURE_DTYPES:
+      raise ValueError(f"SelfLabelCallback: feature_dtype must be one of {label_store_lib.FEATURE_DTYPES}, "
+                       f"got {feature_dtype!r}")
+    if matmul_dtype not in label_store_lib.MATMUL_DTYPES:
+      raise ValueError(f"SelfLabelCallback: matmul_dtype must be one of {label_store_lib.MATMUL_DTYPES}, "
+                       f"got {matmul_dtype!r}")
+    if label_store == "features" and num_passes != 1:
+      raise ValueError(f"SelfLabelCallback: label_store='features' keeps one pass's features; "
+                       f"num_passes={num_passes} averages log-probabilities: use one or the other")
+    self.label_store, self.feature_dtype, self.matmul_dtype = label_store, feature_dtype, matmul_dtype
+    if label_sharding not in LABEL_SHARDING:
+      raise ValueError(f"SelfLabelCallback: label_sharding must be one of {LABEL_SHARDING}, got "
+                       f"{label_sharding!r}")
+    self.label_sharding = label_sharding
     self.verbose = verbose
     self.last_metrics = {}
     self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
@@ -169,6 +208,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
       which = "labeller" if self.labeller == "kmeans" else "cold_start_labeller"
       raise ValueError(f"SelfLabelCallback: {which}='kmeans' needs a model with a features(images) method "
                        "returning {'features': [B, D], ...} (e.g. SelaModel)")
+    if self.label_store == "features" and not (
+        callable(getattr(self.label_model or model, "features", None))
+        and callable(getattr(self.label_model or model, "linear_heads", None))):
+      raise ValueError("SelfLabelCallback: label_store='features' needs a model with features(images) "
+                       "and linear_heads() methods (e.g. SelaModel)")
     if self.state.num_examples != self.num_examples:
       raise ValueError(f"SelfLabelCallback: num_examples={self.num_examples} but the label state holds "
                        f"{self.state.num_examples}")
@@ -176,6 +220,14 @@ class SelfLabelCallback(keras.callbacks.Callback):
   def labeller_due(self) -> str:
     """The labeller of the next labelling: `cold_start_labeller` for the first, else `labeller`."""
     return self.cold_start_labeller if self.state.labellings_done() == 0 else self.labeller
+
+  def sharded(self, labeller: Optional[str] = None) -> bool:
+    """Whether the next labelling (by `labeller`) keeps the label pass sharded over the replicas."""
+    if (labeller or self.labeller_due()) != "sinkhorn" or self.labeller_options.get("balance") == "exact":
+      return False
+    if self.label_sharding == "auto":
+      return distribution.num_workers(self.model.distribute_strategy) > 1
+    return self.label_sharding == "sharded"
 
   def _pass_runner(self, labeller: str) -> inference.IndexedPass:
     """The pass over the label-pass data on every replica, in inference mode: per example each head's
@@ -189,12 +241,14 @@ class SelfLabelCallback(keras.callbacks.Callback):
     model = self.label_model or self.model
     if getattr(self, "_passes", None) is None or self._pass_model is not model:
       self._passes, self._pass_model = {}, model
-    if labeller not in self._passes:
-      if labeller == "kmeans":
+    kind = "kmeans" if labeller == "kmeans" else self.label_store
+    sharded = self.sharded(labeller)
+    if (kind, sharded) not in self._passes:
+      if kind in ("kmeans", "features"):  # K-means reads the features in float32
+        dtype = tf.float32 if kind == "kmeans" else tf.as_dtype(self.feature_dtype)
 
         def replica_step(batch):
-          return batch["index"], tf.cast(model.features(batch["image"], training=False)["features"],
-                                         tf.float32)
+          return batch["index"], tf.cast(model.features(batch["image"], training=False)["features"], dtype)
       else:
 
         def replica_step(batch):
@@ -202,8 +256,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
           logits = logits if isinstance(logits, (list, tuple)) else [logits]
           return batch["index"], [tf.nn.log_softmax(tf.cast(head, tf.float32)) for head in logits]
 
-      self._passes[labeller] = inference.IndexedPass(self.model.distribute_strategy, replica_step)
-    return self._passes[labeller]
+      runner = inference.ShardedPass if sharded else inference.IndexedPass
+      self._passes[(kind, sharded)] = runner(self.model.distribute_strategy, replica_step)
+    return self._passes[(kind, sharded)]
 
   def _due(self) -> bool:
     done = self.state.labellings_done()
@@ -221,16 +276,30 @@ class SelfLabelCallback(keras.callbacks.Callback):
 
   def collect_log_probs(self, labeller: Optional[str] = None):
     """One pass (or the average of `num_passes`) over the label-pass data, by example index: T arrays
-    [N, K_t] float32 of log softmax per head (Sinkhorn-Knopp), or the "features" float32 [N, D]
-    (K-means).
+    [N, K_t] float32 of log softmax per head (Sinkhorn-Knopp), or with label_store="features" a
+    `label_store.LinearHeads` of every head over the stored features, or the "features" float32
+    [N, D] (K-means).
 
     The pass is spread over the model's replicas (each runs its share of every global batch); the
     results of all replicas, of all workers, are gathered and stored by example index, so every worker
-    holds all of them and computes the same labels.
+    holds all of them and computes the same labels. When the labelling is `sharded`, nothing is
+    gathered: it returns a `ShardedLabelPass` (each replica's indices and outputs, on its device).
     """
     if self.label_model is not None:
       self._copy_weights_to_label_model()
-    run_pass = self._pass_runner(labeller or self.labeller)
+    labeller = labeller or self.labeller
+    run_pass = self._pass_runner(labeller)
+    if self.sharded(labeller):
+      if self.num_passes != 1:
+        raise ValueError(f"SelfLabelCallback: num_passes={self.num_passes} averages each example's "
+                         "log-probabilities across passes, which a sharded labelling cannot (an example "
+                         "may be on another replica in each pass); use num_passes=1 or "
+                         "label_sharding='gathered'")
+      ds = self.label_pass(0) if callable(self.label_pass) else self.label_pass
+      index, outputs = run_pass(ds, self.num_examples, verbose=self.verbose,
+                                description="SelfLabelCallback: label pass (sharded)")
+      weights = (self.label_model or self.model).linear_heads() if self.label_store == "features" else None
+      return ShardedLabelPass(index, outputs, weights, self.matmul_dtype)
     total = None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
@@ -242,6 +311,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
         total = tf.nest.map_structure(np.add, total, outputs)
     if self.num_passes > 1:
       total = tf.nest.map_structure(lambda value: value / np.float32(self.num_passes), total)
+    if self.label_store == "features" and labeller == "sinkhorn":
+      total = label_store_lib.LinearHeads.of_model(
+          self.label_model or self.model, total, range(len(self.state.num_clusters)),
+          matmul_dtype=self.matmul_dtype)
     return total
 
   def _copy_weights_to_label_model(self):
@@ -266,8 +339,12 @@ class SelfLabelCallback(keras.callbacks.Callback):
     from selabel_tf import contact_sheets  # pylint: disable=g-import-not-at-top
     for t in heads:
       num_clusters = self.state.num_clusters[t]
-      confidence = (np.zeros(self.num_examples, np.float32) if log_probs is None
-                    else np.exp(log_probs[t][np.arange(self.num_examples), labels[t]]))
+      if log_probs is None:
+        confidence = np.zeros(self.num_examples, np.float32)
+      elif isinstance(log_probs, label_store_lib.LinearHeads):
+        confidence = np.exp(log_probs[t].label_log_probs(labels[t]))
+      else:
+        confidence = np.exp(log_probs[t][np.arange(self.num_examples), labels[t]])
       sheet = contact_sheets.overview(self.sheet_images, labels[t], confidence, num_clusters,
                                       clusters=range(min(self.sheet_clusters, num_clusters)))
       tf.summary.image(f"selabel_clusters/head_{t}", sheet[None], step=step)
@@ -294,14 +371,22 @@ class SelfLabelCallback(keras.callbacks.Callback):
       options = dict(self.labeller_options)
       if warm_start is None and self.cold_start_balance is not None:
         options["balance"] = self.cold_start_balance
-      result = sinkhorn_labeller.assign_labels(
-          [pass_outputs[t] for t in heads], self.lam,
-          warm_start=None if warm_start is None else [warm_start[t] for t in heads], **options)
+      warm_start = None if warm_start is None else [warm_start[t] for t in heads]
+      if isinstance(pass_outputs, ShardedLabelPass):
+        result = pass_outputs.assign_labels(self.model.distribute_strategy, heads, self.lam,
+                                            self.num_examples, warm_start=warm_start, **options)
+      else:
+        result = sinkhorn_labeller.assign_labels([pass_outputs[t] for t in heads], self.lam,
+                                                 warm_start=warm_start, **options)
       new_labels, new_log_alpha = result.labels, result.log_row_scale
       solver_metrics = {"selabel_iterations": float(np.mean(result.iterations)),
-                        "selabel_marginal_error": float(np.max(result.marginal_error))}
+                        "selabel_marginal_error": float(np.max(result.marginal_error)),
+                        "selabel_exchanged_bytes": float(result.exchanged_bytes)}
       solver_log = (f"Sinkhorn iterations {result.iterations.tolist()}, marginal error "
                     f"{solver_metrics['selabel_marginal_error']:.3g}")
+      if isinstance(pass_outputs, ShardedLabelPass):
+        solver_log += f", sharded over {self.model.distribute_strategy.num_replicas_in_sync} replicas, " \
+                      f"{result.exchanged_bytes / 2**20:.2f} MiB exchanged per replica"
     labels = previous.copy()
     log_alpha = [None] * len(self.state.num_clusters)
     for i, t in enumerate(heads):
@@ -333,6 +418,42 @@ class SelfLabelCallback(keras.callbacks.Callback):
           tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(labels[t] != previous[t])),
                             step=step)
         if self.sheet_images is not None:
-          self._log_sheets(labels, heads, None if labeller == "kmeans" else pass_outputs, step)
+          self._log_sheets(labels, heads, None if labeller == "kmeans" or isinstance(
+              pass_outputs, ShardedLabelPass) else pass_outputs, step)
         self._writer.flush()
     return result
+
+
+class ShardedLabelPass:
+  """A label pass kept where it ran: each replica's example indices and its outputs, as distributed
+  values of the strategy: log-probs per head, or, with `head_weights` ([(kernel, bias)] per head,
+  `SelaModel.linear_heads()`), the features the heads are computed from."""
+
+  def __init__(self, index, outputs, head_weights=None, matmul_dtype: str = "float32"):
+    self.index, self.outputs = index, outputs
+    self.head_weights, self.matmul_dtype = head_weights, matmul_dtype
+
+  def assign_labels(self, strategy, heads: Sequence[int], lam: float, num_examples: int, **options):
+    """`labeller.assign_labels_sharded` of the heads `heads`; the labels come back by example index.
+
+    The labels are gathered once (int32) with the replicas' indices, which are checked to cover
+    [0, num_examples) once each.
+    """
+    if self.head_weights is not None:
+      providers = [lambda t=t: label_store_lib.per_replica_log_probs(
+          strategy, self.outputs, *self.head_weights[t], matmul_dtype=self.matmul_dtype) for t in heads]
+    else:
+      providers = [lambda t=t: strategy.run(lambda v: v[t], args=(self.outputs,)) for t in heads]
+    result = sinkhorn_labeller.assign_labels_sharded(strategy, providers, lam, **options)
+    gathered = strategy.gather(self.index, axis=0).numpy()
+    inference.ShardedPass.check_indices(gathered, num_examples, "SelfLabelCallback: sharded label pass")
+    labels = np.empty_like(result.labels)
+    labels[:, gathered] = result.labels
+    log_col_scale = []
+    for values in result.log_col_scale:
+      by_index = np.empty_like(values)
+      by_index[gathered] = values
+      log_col_scale.append(by_index)
+    index_bytes = gathered.nbytes if strategy.num_replicas_in_sync > 1 else 0
+    return dataclasses.replace(result, labels=labels, log_col_scale=tuple(log_col_scale),
+                               exchanged_bytes=result.exchanged_bytes + index_bytes)

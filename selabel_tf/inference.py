@@ -85,3 +85,78 @@ class IndexedPass:
       result = tf.nest.map_structure(lambda value: self.strategy.gather(value, axis=0), per_replica)
     return tf.nest.map_structure(np.asarray, result)
 
+
+
+class ShardedPass:
+  """`IndexedPass` without the gathering: each replica keeps the outputs of the examples it ran.
+
+  For data too large to hold whole on every worker (the ImageNet label pass): nothing crosses the
+  network during the pass. Call it with a dataset covering indices [0, num_examples) once each; it
+  returns `(index, outputs)` as distributed values of the strategy: replica r's int64 [N_r] indices
+  and its nest of [N_r, ...] outputs, on its own device (N_r = 0 for a replica that got no examples).
+  `check_indices` verifies, once the indices have been gathered (e.g. with the labels), that they
+  cover [0, num_examples) once each.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, replica_fn: Callable):
+    self.strategy = strategy
+
+    def replica_step(batch):
+      index, outputs = replica_fn(batch)
+      return tf.distribute.get_replica_context().replica_id_in_sync_group, index, outputs
+
+    self._step = tf.function(lambda batch: strategy.run(replica_step, args=(batch,)))
+
+  def __call__(self, dataset: tf.data.Dataset, num_examples: int, *, description: str = "pass",
+               verbose: int = 0):
+    start = time.perf_counter()
+    parts, replica_ids, structure = None, None, None
+    progress = None
+    if verbose:
+      batches = int(dataset.cardinality())
+      progress = keras.utils.Progbar(batches if batches > 0 else None, interval=5.0, unit_name="batch")
+    for step, batch in enumerate(self.strategy.experimental_distribute_dataset(dataset)):
+      ids, index, outputs = (self.strategy.experimental_local_results(v) for v in self._step(batch))
+      if parts is None:
+        replica_ids = [int(i) for i in ids]
+        structure = outputs[0]
+        parts = [[] for _ in ids]
+      for r, (i, o) in enumerate(zip(index, outputs)):
+        parts[r].append((i, tf.nest.flatten(o)))
+      if progress is not None:
+        progress.update(step + 1)
+    if parts is None:
+      raise ValueError(f"{description}: the dataset is empty; it must yield every index in "
+                       f"[0, {num_examples}) once")
+    shards = []
+    for replica_parts in parts:
+      with tf.device(replica_parts[0][0].device):
+        index = tf.concat([i for i, _ in replica_parts], 0)
+        flat = [tf.concat(list(values), 0) for values in zip(*(o for _, o in replica_parts))]
+      shards.append((index, tf.nest.pack_sequence_as(structure, flat)))
+    position = {replica_id: r for r, replica_id in enumerate(replica_ids)}
+    values = self.strategy.experimental_distribute_values_from_function(
+        lambda context: shards[position[context.replica_id_in_sync_group]])
+    local_examples = sum(int(index.shape[0]) for index, _ in shards)
+    total = int(self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(
+        lambda v: tf.shape(v[0], out_type=tf.int64)[0], args=(values,)), axis=None))
+    if total != num_examples:
+      raise ValueError(f"{description}: the dataset must yield every index in [0, {num_examples}) once; "
+                       f"it yielded {total} examples")
+    logger.info("%s: %d examples in %.1f s on %d replica(s), %d kept on this worker", description,
+                num_examples, time.perf_counter() - start, self.strategy.num_replicas_in_sync,
+                local_examples)
+    return (self.strategy.run(lambda v: v[0], args=(values,)),
+            self.strategy.run(lambda v: v[1], args=(values,)))
+
+  @staticmethod
+  def check_indices(index: np.ndarray, num_examples: int, description: str = "pass"):
+    """Raises a ValueError unless `index` holds every index of [0, num_examples) exactly once."""
+    index = np.asarray(index)
+    if index.size and (index.min() < 0 or index.max() >= num_examples):
+      raise ValueError(f"{description}: the dataset yielded index {index.min()}...{index.max()}, outside "
+                       f"[0, {num_examples})")
+    seen = np.bincount(index, minlength=num_examples) if index.size else np.zeros(num_examples, np.int64)
+    if not np.all(seen == 1):
+      raise ValueError(f"{description}: the dataset must yield every index in [0, {num_examples}) once; "
+                       f"{int(np.sum(seen == 0))} missing, {int(np.sum(seen > 1))} repeated")

@@ -24,6 +24,7 @@ float64. `storage_dtype` may store P^lam narrower (float16/bfloat16, halving the
 iteration) while accumulating in `dtype`.
 """
 
+import collections.abc
 import dataclasses
 import logging
 import math
@@ -248,7 +249,7 @@ def _raise_if_nonfinite(count, head_index, size):
 
 def _as_heads(log_probs, check_sizes=True):
   """The heads as a list of [N, K_t] array-likes, checked for rank and a common N."""
-  if isinstance(log_probs, (list, tuple)):
+  if isinstance(log_probs, collections.abc.Sequence):  # a list, tuple or `label_store.LinearHeads`
     heads = list(log_probs)
     if not heads:
       raise ValueError("log_probs: got an empty list of heads; expected T >= 1 arrays [N, K_t]")

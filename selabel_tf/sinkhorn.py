@@ -105,6 +105,34 @@ def recentred_kernel_chunk(log_probs_chunk, lam, log_alpha, storage_dtype_probe)
   return kernel, col_offset, tf.reduce_max(tf.cast(kernel, log_probs_chunk.dtype), axis=0)
 
 
+@tf.function(jit_compile=True)
+def derived_kernel_chunk(power_chunk, row_offset, col_offset_chunk, ratio, log_alpha):
+  """The kernel of lambda' = ratio * lambda centred on `log_alpha`, from the kernel of lambda alone.
+
+  log power = lam log_probs - col_offset - row_offset, so lam' log_probs + log alpha =
+  ratio (log power + col_offset + row_offset) + log alpha: a re-centring (ratio 1) or the next
+  annealing stage without reading the log-probabilities again, for heads whose rows are expensive to
+  compute. Entries that underflowed stay 0 (they are below e^-87 of their example's largest at
+  float32's range, and only shrink as lambda grows); each derivation rounds the kernel once more.
+
+  Args:
+    power_chunk: [n, K] kernel in its storage dtype.
+    row_offset: [K], col_offset_chunk: [n]: its offsets, in the compute dtype.
+    ratio: lambda' / lambda.
+    log_alpha: [K], the new centre (row_offset' = -log_alpha).
+
+  Returns:
+    (kernel' [n, K] in the storage dtype, col_offset' [n], row maxima [K] of kernel').
+  """
+  dtype = log_alpha.dtype
+  log_power = tf.math.log(widen(power_chunk, dtype))
+  scores = ratio * (log_power + row_offset[None, :]) + log_alpha[None, :]
+  shift = tf.reduce_max(scores, axis=1)
+  shift = tf.where(tf.math.is_finite(shift), shift, tf.zeros_like(shift))  # a row that underflowed whole
+  kernel = tf.cast(tf.exp(scores - shift[:, None]), power_chunk.dtype)
+  return kernel, ratio * col_offset_chunk + shift, tf.reduce_max(tf.cast(kernel, dtype), axis=0)
+
+
 def fused_pass(power, row_scale, inv_num_examples, block_rows):
   """One Sinkhorn iteration's reads of `power`: the column half-step and the row sums it feeds.
 
@@ -133,11 +161,8 @@ def fused_pass(power, row_scale, inv_num_examples, block_rows):
   for chunk in power:
     chunk_rows, num_clusters = chunk.shape
     if block_rows >= chunk_rows:
-      row_sums.append(block_row_sums(tf.cast(chunk, dtype)))
+      row_sums.append(block_row_sums(widen(chunk, dtype)))
       continue
-
-    if chunk.dtype == tf.bfloat16:  # sliced as bits: see `widen`
-      chunk = tf.bitcast(chunk, tf.uint16)
 
     def body(j, acc, chunk=chunk, chunk_rows=chunk_rows, num_clusters=num_clusters):
       # The last block is moved back to end at the chunk's end; rows it shares with the block before
@@ -154,11 +179,19 @@ def fused_pass(power, row_scale, inv_num_examples, block_rows):
   return tf.add_n(row_sums)
 
 
+def as_bits(power):
+  """The kernel's chunks with bfloat16 ones viewed as uint16 (a TF bitcast, outside XLA: no copy).
+
+  Inside an XLA loop a plain convert of a slice of a bfloat16 chunk became a slice of the converted
+  chunk, hoisted out of the loop: a float32 copy of the whole kernel (4.8 GB more for a 2.2 GB
+  kernel); and XLA's own bitcast of a whole chunk copies it (2.2 GB more). Sliced as uint16 and
+  widened by `widen`, nothing kernel-sized is made."""
+  return tuple(tf.bitcast(chunk, tf.uint16) if chunk.dtype == tf.bfloat16 else chunk for chunk in power)
+
+
 def widen(block, dtype):
-  """`block` cast to the compute dtype `dtype`, bfloat16 by its bits (a bfloat16 is the top half of a
-  float32): XLA turns a plain convert of a slice of a bfloat16 chunk into a slice of the converted
-  chunk and hoists that out of the loop, a float32 copy of the whole kernel (measured: 4.8 GB more
-  for a 2.2 GB kernel); integer ops it leaves in the loop."""
+  """`block` cast to the compute dtype `dtype`; bfloat16 (or its uint16 bits, see `as_bits`) by its
+  bits: a bfloat16 is the top half of a float32."""
   if block.dtype == tf.bfloat16:
     block = tf.bitcast(block, tf.uint16)
   if block.dtype != tf.uint16:
@@ -263,11 +296,14 @@ def make_solver(block_rows):
   iterations, error)`."""
 
   @tf.function(jit_compile=True)
-  def solve(power, row_scale, max_iters, tol, absorb_limit, omega):
+  def solve_bits(power, row_scale, max_iters, tol, absorb_limit, omega):
     num_examples = sum(int(chunk.shape[0]) for chunk in power)
     inv_n = tf.constant(1.0 / num_examples, row_scale.dtype)
     return iterations(lambda r: fused_pass(power, r, inv_n, block_rows), row_scale, max_iters, tol,
                       absorb_limit, omega)
+
+  def solve(power, row_scale, max_iters, tol, absorb_limit, omega):
+    return solve_bits(as_bits(power), row_scale, max_iters, tol, absorb_limit, omega)
 
   return solve
 
@@ -291,6 +327,12 @@ def argmax_labels(power, row_scale):
 @tf.function(jit_compile=True)
 def _chunk_argmax(chunk, row_scale):
   return tf.argmax(tf.cast(chunk, row_scale.dtype) * row_scale[None, :], axis=1)
+
+
+@tf.function(jit_compile=True)
+def top_clusters(chunk, row_scale, m):
+  """int32 [n, m]: each example's m clusters of largest Q[n, k] (r_k power[n, k])."""
+  return tf.math.top_k(widen(chunk, row_scale.dtype) * row_scale[None, :], k=m).indices
 
 
 def sample_labels(power, row_scale, key):

@@ -232,52 +232,113 @@ class LocalHeadSolver(HeadSolver):
     self.set_lam(lam)
     self.bounds, self.block_rows = sinkhorn.plan_chunks(self.num_examples, self.num_clusters,
                                                         storage_dtype, device_type)
+    # A head whose rows are computed on demand (e.g. from stored features) sets `rows_per_read`: it is
+    # read in parts of at most that many rows, so that only a part's log-probs exist at a time; and
+    # where the kernel's dtype has float32's range, its re-centrings are derived from the kernel itself
+    # (`sinkhorn.derived_kernel_chunk`) rather than computed again from the head.
+    self.rows_per_read = getattr(head, "rows_per_read", None)
+    self.derive_recentrings = (self.rows_per_read is not None
+                               and storage_dtype in ("bfloat16", "float32", "float64"))
     self._stats = None
     self.power = None
 
-  def _chunks(self):
-    for start, stop in zip(self.bounds[:-1], self.bounds[1:]):
-      yield start, stop, tf.cast(tf.convert_to_tensor(self.head[start:stop]), self.dtype)
+  def _parts(self):
+    """(chunk index, start, stop, log-probs [stop - start, K] in `dtype`): each chunk of the kernel
+    whole, or in parts of at most `rows_per_read` rows."""
+    step = None if self.rows_per_read is None else max(1, int(self.rows_per_read))
+    for c, (start, stop) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+      for part_start in range(start, stop, step or (stop - start)):
+        part_stop = stop if step is None else min(part_start + step, stop)
+        yield c, part_start, part_stop, tf.cast(tf.convert_to_tensor(self.head[part_start:part_stop]),
+                                                self.dtype)
+
+  def _assemble(self, parts):
+    """The kernel's chunks from an iterable of (chunk index, kernel part) in order; each chunk is
+    concatenated as soon as its parts are in, so that only one chunk's parts exist beside it."""
+    chunks, pending, current = [], [], None
+    for c, part in parts:
+      if c != current and pending:
+        chunks.append(pending[0] if len(pending) == 1 else tf.concat(pending, 0))
+        pending = []
+      current = c
+      pending.append(part)
+    if pending:
+      chunks.append(pending[0] if len(pending) == 1 else tf.concat(pending, 0))
+    return tuple(chunks)
 
   def _kernel_stats(self, log_alpha):
     log_alpha_t = tf.constant(log_alpha, self.dtype)
     col_offsets, row_max, nonfinite = [], None, 0
-    for _, _, chunk in self._chunks():
+    for _, _, _, chunk in self._parts():
       col_offset, chunk_row_max, bad = sinkhorn.kernel_stats(chunk, self.lam, log_alpha_t)
       col_offsets.append(col_offset)
       row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
       nonfinite += int(bad)
     return tf.concat(col_offsets, 0), row_max - log_alpha_t, nonfinite
 
+  def check_finite(self, log_alpha) -> int:
+    if self.derive_recentrings and callable(getattr(self.head, "nonfinite_inputs", None)):
+      # A computed head is checked on what it is computed from (a pass over the features, not a
+      # product with them); its first kernel is then built in one pass (`build_kernel`).
+      return self.head.nonfinite_inputs()
+    return super().check_finite(log_alpha)
+
   def build_kernel(self, log_alpha):
+    if self.derive_recentrings and self._stats is None and self.power is None:
+      # No statistics at hand: build around log alpha directly (one pass over the computed head,
+      # two only if some cluster's row underflows), not the statistics' pass and then the kernel's.
+      self.recentre(log_alpha, _ABSORB_LIMIT[self.storage_dtype])
+      return
     col_offset, row_offset = self._offsets(log_alpha)
     self.power = None  # the old kernel goes before the new one is built
     probe = tf.zeros([], self.storage_dtype)
-    self.power = tuple(
-        sinkhorn.kernel_chunk(chunk, self.lam, col_offset[start:stop], row_offset, probe)
-        for start, stop, chunk in self._chunks())
+    self.power = self._assemble(
+        (c, sinkhorn.kernel_chunk(chunk, self.lam, col_offset[start:stop], row_offset, probe))
+        for c, start, stop, chunk in self._parts())
     self.col_offset = col_offset.numpy().astype(np.float64)
     self.row_offset = row_offset.numpy().astype(np.float64)
+    self.power_lam = self.lam_value
 
   def recentre(self, log_alpha, absorb_limit):
-    """Rebuilds the kernel around `log_alpha` in one pass over the log-probs (two if a row underflows)."""
+    """Rebuilds the kernel around `log_alpha` in one pass over the log-probs (two if a row underflows),
+    or, with `derive_recentrings`, from the kernel alone (see `sinkhorn.derived_kernel_chunk`)."""
     log_alpha_t = tf.constant(log_alpha, self.dtype)
     probe = tf.zeros([], self.storage_dtype)
-    self.power = None
-    power, col_offsets, row_max = [], [], None
-    for _, _, chunk in self._chunks():
-      kernel, col_offset, chunk_row_max = sinkhorn.recentred_kernel_chunk(chunk, self.lam, log_alpha_t,
-                                                                          probe)
-      power.append(kernel)
-      col_offsets.append(col_offset)
-      row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
-    if float(tf.reduce_min(row_max)) < math.exp(-absorb_limit):
+    if self.derive_recentrings and self.power is not None:
+      ratio = tf.constant(self.lam_value / self.power_lam, self.dtype)
+      row_offset = tf.constant(self.row_offset, self.dtype)
+      col_offset = tf.constant(self.col_offset, self.dtype)
+      power, col_offsets, row_max = list(self.power), [], None
+      self.power = None
+      for c, (start, stop) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+        power[c], chunk_col_offset, chunk_row_max = sinkhorn.derived_kernel_chunk(
+            power[c], row_offset, col_offset[start:stop], ratio, log_alpha_t)
+        col_offsets.append(chunk_col_offset)
+        row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
+      self.power = tuple(power)
       del power
-      self.build_kernel(log_alpha)
-      return
-    self.power = tuple(power)
+    else:
+      self.power = None
+      col_offsets, row_max = [], [None]
+
+      def parts():
+        for c, _, _, chunk in self._parts():
+          kernel, col_offset, chunk_row_max = sinkhorn.recentred_kernel_chunk(chunk, self.lam,
+                                                                              log_alpha_t, probe)
+          col_offsets.append(col_offset)
+          row_max[0] = chunk_row_max if row_max[0] is None else tf.maximum(row_max[0], chunk_row_max)
+          yield c, kernel
+
+      power = self._assemble(parts())
+      if float(tf.reduce_min(row_max[0])) < math.exp(-absorb_limit):
+        del power
+        self.build_kernel(log_alpha)
+        return
+      self.power = power
+      del power
     self.col_offset = tf.concat(col_offsets, 0).numpy().astype(np.float64)
     self.row_offset = -np.asarray(log_alpha, np.float64)
+    self.power_lam = self.lam_value
 
   def _iterations(self):
     return _solver_for(self.block_rows)
@@ -290,7 +351,20 @@ class LocalHeadSolver(HeadSolver):
     return col_scale.numpy()
 
   def argmax_labels(self, row_scale):
-    return sinkhorn.argmax_labels(self.power, row_scale).numpy()
+    if not callable(getattr(self.head, "exact_logits", None)):
+      return sinkhorn.argmax_labels(self.power, row_scale).numpy()
+    # A head computed in a narrow dtype (label_store's bfloat16 matmul) re-scores the kernel's best
+    # few clusters per example with its float32 logits: argmax_k Q[n, k] = argmax_k (log alpha_k +
+    # lam * logit[n, k]) up to per-example constants, so only the candidates' exact logits are needed.
+    log_alpha = tf.constant(np.log(row_scale.numpy().astype(np.float64)) - self.row_offset, tf.float32)
+    m = min(_CANDIDATES, self.num_clusters)
+    labels = []
+    for chunk, start, stop in zip(self.power, self.bounds[:-1], self.bounds[1:]):
+      candidates = sinkhorn.top_clusters(chunk, row_scale, m)
+      logits = self.head.exact_logits(start, stop, candidates)
+      scores = tf.gather(log_alpha, candidates) + self.lam_value * logits
+      labels.append(tf.gather(candidates, tf.argmax(scores, axis=1), batch_dims=1).numpy())
+    return np.concatenate(labels).astype(np.int64)
 
   def sample_labels(self, row_scale, seed):
     return sinkhorn.sample_labels(self.power, row_scale, seed).numpy()
@@ -310,7 +384,8 @@ class ShardedHeadSolver(HeadSolver):
     self.values = strategy.run(lambda v: tf.cast(v, dtype), args=(per_replica_head,))
     local = strategy.experimental_local_results(self.values)
     self.num_clusters = int(local[0].shape[1])
-    self.exchanged_bytes = 0  # all-reduced and gathered payload, per replica
+    self.exchanged_bytes = 0  # all-reduced and gathered payload, per replica (none with one replica)
+    self._exchanging = strategy.num_replicas_in_sync > 1
     self.num_examples = int(self._sum(strategy.run(lambda v: tf.shape(v, out_type=tf.int64)[0],
                                                    args=(self.values,))))
     # Each replica's slice is one chunk: the replicas are the parallel units here.
@@ -321,12 +396,12 @@ class ShardedHeadSolver(HeadSolver):
 
   def _sum(self, per_replica):
     result = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    self.exchanged_bytes += result.dtype.size * max(1, result.shape.num_elements())
+    self.exchanged_bytes += self._exchanging * result.dtype.size * max(1, result.shape.num_elements())
     return result
 
   def _gather(self, per_replica):
     result = self.strategy.gather(per_replica, axis=0)
-    self.exchanged_bytes += result.dtype.size * result.shape.num_elements()
+    self.exchanged_bytes += self._exchanging * result.dtype.size * result.shape.num_elements()
     return result
 
   def _kernel_stats(self, log_alpha):
@@ -364,9 +439,11 @@ class ShardedHeadSolver(HeadSolver):
 
       @tf.function
       def loop(power, row_scale, max_iters, tol, absorb_limit, omega):
+        bits = strategy.run(sinkhorn.as_bits, args=(power,))  # views, outside XLA
+
         def row_sums(r):  # one all-reduce of [K] per iteration
           return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                 strategy.run(one_pass, args=(power, r, inv_n)), axis=None)
+                                 strategy.run(one_pass, args=(bits, r, inv_n)), axis=None)
         return sinkhorn.iterations(row_sums, row_scale, max_iters, tol, absorb_limit, omega)
 
       self._loop = loop
@@ -375,7 +452,7 @@ class ShardedHeadSolver(HeadSolver):
   def iterate(self, row_scale, max_iters, tol, absorb_limit, omega):
     used, next_row_scale, iterations, error = super().iterate(row_scale, max_iters, tol, absorb_limit,
                                                               omega)
-    self.exchanged_bytes += iterations * self.num_clusters * tf.as_dtype(self.dtype).size
+    self.exchanged_bytes += self._exchanging * iterations * self.num_clusters * tf.as_dtype(self.dtype).size
     return used, next_row_scale, iterations, error
 
   def column_scale(self, row_scale):
@@ -386,16 +463,18 @@ class ShardedHeadSolver(HeadSolver):
     return self._gather(col_scale).numpy()
 
   def argmax_labels(self, row_scale):
-    labels = self.strategy.run(sinkhorn.argmax_labels, args=(self.power, row_scale))
-    return self._gather(labels).numpy()
+    # int32 across the network: half the bytes of int64 labels.
+    labels = self.strategy.run(lambda p, r: tf.cast(sinkhorn.argmax_labels(p, r), tf.int32),
+                               args=(self.power, row_scale))
+    return self._gather(labels).numpy().astype(np.int64)
 
   def sample_labels(self, row_scale, seed):
     def replica_sample(power, row_scale):
       replica = tf.distribute.get_replica_context().replica_id_in_sync_group
       key = tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), replica)
-      return sinkhorn.sample_labels(power, row_scale, key)
+      return tf.cast(sinkhorn.sample_labels(power, row_scale, key), tf.int32)
     labels = self.strategy.run(replica_sample, args=(self.power, row_scale))
-    return self._gather(labels).numpy()
+    return self._gather(labels).numpy().astype(np.int64)
 
 
 _solvers = {}

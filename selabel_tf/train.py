@@ -14,6 +14,7 @@ It writes a run directory:
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
 from selabel_tf import files
+from selabel_tf import label_store as label_store_lib
 from selabel_tf import labels as labels_lib
 from selabel_tf import labeller as labeller_lib
 from selabel_tf import schedule as schedule_lib
@@ -137,6 +139,20 @@ class TrainConfig:
   labeller_cold_start_balance: str = option(
       "same", "Balance of the first labelling (untrained network): same (as --labeller_balance) or "
       "one of the balance modes.", choices=("same",) + labeller_lib.BALANCE_MODES, group=_LABELLING)
+  label_store: str = option(
+      "log_probs", "What the label pass keeps: log_probs (every head's [N, K] float32) or features (the "
+      "[N, D] features once, each head computed from them when labelled: for many large heads, e.g. "
+      "ImageNet's; peak memory in the README).", choices=label_store_lib.STORES, group=_LABELLING)
+  label_feature_dtype: str = option("bfloat16", "--label_store=features: dtype of the stored features.",
+                                    choices=label_store_lib.FEATURE_DTYPES, group=_LABELLING)
+  label_matmul_dtype: str = option(
+      "float32", "--label_store=features: dtype of the heads' product (bfloat16: fast where the hardware "
+      "has bfloat16 units; the logits are rounded to bfloat16).", choices=label_store_lib.MATMUL_DTYPES,
+      group=_LABELLING)
+  label_sharding: str = option(
+      "auto", "Where the labelling holds the label pass: gathered (all N on every worker), sharded (each "
+      "replica its own examples; only [K] vectors cross per iteration), auto (sharded with more than one "
+      "worker).", choices=callbacks_lib.LABEL_SHARDING, group=_LABELLING)
   labeller_storage: str = option("float32", "Dtype of the stored kernel P^lam (float16: half the memory).",
                                  choices=labeller_lib.STORAGE_DTYPES, group=_LABELLING)
   evaluate: bool = option(True, "Evaluate at the end of training: kNN, linear probes, cluster metrics "
@@ -196,6 +212,9 @@ class TrainConfig:
         (self.label_passes >= 1, f"--label_passes={self.label_passes} must be >= 1"),
         (self.label_batch_size >= 0, f"--label_batch_size={self.label_batch_size} must be >= 0 "
          f"(0: 4 x --batch_size)"),
+        (self.label_store == "log_probs" or self.label_passes == 1,
+         f"--label_store=features keeps one pass's features; --label_passes={self.label_passes} averages "
+         f"log-probabilities: pass --label_passes=1"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.kmeans_pca_dim >= 1, f"--kmeans_pca_dim={self.kmeans_pca_dim} must be >= 1"),
         (not (self.supervised and self.labels_from), f"--supervised and --labels_from={self.labels_from}: "
@@ -283,6 +302,33 @@ class _LabelsExport(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     labels_lib.write(self.directory, self.state.current_labels(), self.source_ids, epoch + 1)
+
+
+class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+  """Keras' BackupAndRestore with one writer: every worker restores from `backup_dir`, only the chief
+  writes (and at the end deletes) it.
+
+  Keras 3's callback writes from every worker to the same files (under MultiWorkerMirroredStrategy
+  two workers raced on creating the directory: FileExistsError); the workers' states are equal, so
+  the chief's backup is everyone's. With several workers `backup_dir` must be on a filesystem they
+  share (a `gs://` bucket, NFS).
+  """
+
+  def __init__(self, backup_dir, *, chief: bool, **kwargs):
+    super().__init__(backup_dir, **kwargs)
+    self.chief = chief
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.chief:
+      super().on_epoch_end(epoch, logs)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.chief:
+      super().on_train_batch_end(batch, logs)
+
+  def on_train_end(self, logs=None):
+    if self.chief:
+      super().on_train_end(logs)
 
 
 def _resume_epoch(backup_dir):
@@ -553,7 +599,9 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
                           "pca_dim": max(1, min(config.kmeans_pca_dim, inputs.dataset.num_examples - 1))},
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
-      label_model=label_model, log_dir=os.path.join(tensorboard_dir, "selabel"),
+      label_model=label_model, label_store=config.label_store, feature_dtype=config.label_feature_dtype,
+      matmul_dtype=config.label_matmul_dtype, label_sharding=config.label_sharding,
+      log_dir=os.path.join(tensorboard_dir, "selabel") if chief else None,
       sheet_images=None if inputs.dataset.streamed else inputs.dataset.images, verbose=0)
   evaluation = []
   if inputs.evaluation is not None:
@@ -561,12 +609,12 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
                                        every_epochs=config.eval_every_epochs or None, at_end=True,
                                        log_dir=os.path.join(tensorboard_dir, "evaluation"), verbose=1)
   fit_callbacks = [
-      keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"), save_freq="epoch",
-                                       double_checkpoint=True),
+      ChiefBackupAndRestore(os.path.join(config.run_dir, "backup"), chief=chief, save_freq="epoch",
+                            double_checkpoint=True),
       self_label,
       *([_LabelsExport(model.label_state, config.run_dir, inputs.dataset.source_ids())] if chief else []),
       *evaluation,  # before TensorBoard, which then logs what they add to the epoch's logs
-      keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
+      *([keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch")] if chief else []),
   ]
   return self_label, evaluation, fit_callbacks
 
@@ -600,6 +648,12 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
                 metrics.get("knn_seconds", 0.0), metrics.get("probe_seconds", 0.0),
                 metrics.get("cluster_seconds", 0.0), metrics["evaluation_pass_seconds"],
                 metrics["seconds_per_epoch"])
+  # Every worker's final state in two numbers: equal on every worker of a run (the logs show it).
+  metrics["labels_sha256"] = hashlib.sha256(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
+  weights = hashlib.sha256()
+  for weight in model.weights:
+    weights.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+  metrics["weights_sha256"] = weights.hexdigest()
   if inputs.truth is not None and not config.supervised:  # supervised: the labels are the truth
     from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
     metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]

@@ -228,3 +228,39 @@ def test_sheet_images_must_cover_the_examples():
   with pytest.raises(ValueError, match="sheet_images holds 3 images, not the num_examples=4"):
     callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
                                     num_clusters=(2,), sheet_images=np.zeros((3, 16, 16, 1), np.uint8))
+
+
+@pytest.mark.parametrize("feature_dtype", ["float32", "bfloat16"])
+def test_features_store_labels_as_the_log_probs_store(feature_dtype):
+  """label_store="features" keeps [N, D] once and computes each head from it: the same log-probs
+  (float32 features: within 1e-5; bfloat16: within its rounding) and the same labels."""
+  images = np.random.default_rng(3).normal(size=(300,) + SHAPE).astype(np.float32)
+  results = {}
+  for store in ("log_probs", "features"):
+    model = _sela_model()
+    _perturb(model)
+    callback = callbacks_lib.SelfLabelCallback(_indexed(images, batch=64), 300, 10.0, steps=[0],
+                                               label_store=store, feature_dtype=feature_dtype,
+                                               labeller_options={"tol": 1e-3}, verbose=0)
+    callback.set_model(model)
+    log_probs = callback.collect_log_probs()
+    results[store] = ([np.asarray(log_probs[t][0:300]) for t in range(2)], callback.relabel().labels)
+  stored, features = results["log_probs"], results["features"]
+  for t in range(2):
+    np.testing.assert_allclose(features[0][t], stored[0][t], atol=1e-5 if feature_dtype == "float32" else 0.05)
+  agreement = np.mean(features[1] == stored[1])
+  assert agreement >= (1.0 if feature_dtype == "float32" else 0.9), agreement
+
+
+def test_features_store_needs_one_pass_and_linear_heads():
+  images = np.zeros((4,) + SHAPE, np.float32)
+  with pytest.raises(ValueError, match="label_store='features' keeps one pass's features; num_passes=2"):
+    callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, steps=[0], num_clusters=(2,),
+                                    label_store="features", num_passes=2)
+  with pytest.raises(ValueError, match="label_store must be one of"):
+    callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, steps=[0], num_clusters=(2,),
+                                    label_store="logits")
+  callback = callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, steps=[0], num_clusters=(2,),
+                                             label_store="features")
+  with pytest.raises(ValueError, match=r"needs a model with features\(images\) and linear_heads\(\)"):
+    callback.set_model(_flat_model(2))

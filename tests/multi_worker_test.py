@@ -1,18 +1,20 @@
 """The label pass under MultiWorkerMirroredStrategy: two real worker processes on this machine.
 
-Each worker runs its share of the label pass; `SelfLabelCallback` gathers every replica's results on
-every worker, so both workers hold all N log-probabilities and compute the same labels as one process
-alone does.
+Each worker runs its share of the label pass. Gathered, `SelfLabelCallback` holds every replica's
+results on every worker, so both workers hold all N log-probabilities and compute the same labels as
+one process alone does; sharded, each keeps its own share, the solve all-reduces [K] vectors, and the
+labels are again those of one process.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+
+import workers  # pylint: disable=g-bad-import-order
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -35,11 +37,18 @@ WORKER = textwrap.dedent("""
       model = SelaModel("alexnet_small", (16, 16, 1), (4, 3), num_examples, name="sela")
       model.build()
       model.compile_for_self_labelling(keras.optimizers.SGD(0.1))
-    callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[0], verbose=0)
+    callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[0],
+                                               label_sharding="gathered", verbose=0)
     callback.set_model(model)
     log_probs = callback.collect_log_probs()
     result = callback.relabel()
+    # Again, sharded: each worker keeps its share of the pass; warm-started from the labelling above.
+    sharded = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[0],
+                                              label_sharding="sharded", verbose=0)
+    sharded.set_model(model)
+    sharded_result = sharded.relabel()
     np.savez(out, labels=result.labels, replicas=strategy.num_replicas_in_sync,
+             sharded_labels=sharded_result.labels, exchanged=sharded_result.exchanged_bytes,
              **{f"head_{t}": h for t, h in enumerate(log_probs)})
 
     # The evaluation callbacks: every worker computes the same numbers; only the chief writes.
@@ -62,16 +71,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("localhost", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _env(**extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
@@ -85,9 +84,9 @@ def test_two_workers_label_like_one_process(tmp_path):
   # The one-process reference runs beside the two workers (each is small; they overlap their start-up).
   processes = [subprocess.Popen([sys.executable, str(script), str(single), "single"], env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
-  workers = [f"localhost:{port}" for port in _free_ports(2)]
+  ports = workers.free_ports(2)
   for index in range(2):
-    tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+    tf_config = workers.tf_config(ports, index)
     processes.append(subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / f"worker_{index}.npz"), "multi"],
         env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -102,6 +101,9 @@ def test_two_workers_label_like_one_process(tmp_path):
     for t in range(2):
       np.testing.assert_allclose(got[f"head_{t}"], expected[f"head_{t}"], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(got["labels"], expected["labels"])
+    # The sharded labelling: the labels of one process's labelling of the same log-probs.
+    np.testing.assert_array_equal(got["sharded_labels"], expected["sharded_labels"])
+    assert int(got["exchanged"]) > 0 and int(expected["exchanged"]) == 0
 
   with open(f"{single}.json") as f:
     expected_metrics = json.load(f)

@@ -179,6 +179,10 @@ def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_
     (["--labeller=kmeans", "--cold_start_labeller=sinkhorn"], "--cold_start_labeller=sinkhorn with --labeller=kmeans"),
     (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
     (["--eval_subset=-5"], "--eval_subset=-5 must be >= 0"),
+    (["--label_store=features", "--label_passes=2"], "--label_store=features keeps one pass's features; "
+     "--label_passes=2 averages log-probabilities"),
+    (["--label_sharding=some"], "--label_sharding=some: value should be one of"),
+    (["--label_matmul_dtype=float16"], "--label_matmul_dtype=float16: value should be one of"),
 ])
 def test_flag_values_that_are_not_allowed_name_the_flag(flags, needle):
   """The same path as bin/train (flags from TrainConfig's table, then validate), in this process; the

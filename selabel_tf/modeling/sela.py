@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from selabel_tf import distribution
 from selabel_tf.modeling import backbones
 from selabel_tf.modeling import heads as heads_lib
 
@@ -130,6 +131,11 @@ class SelaModel(keras.Model):
     """The backbone's named activations (for probes) and "features"."""
     return self.backbone(images, training=training)
 
+  def linear_heads(self) -> list:
+    """[(kernel [D, K_t], bias [K_t])] per head: logits_t = features @ kernel + bias (float32), so that
+    a label pass can keep the features alone (`selabel_tf.label_store.LinearHeads`)."""
+    return [(head.kernel, head.bias) for head in self.heads.heads]
+
   def _targets(self, x, y):
     """The batch's self-labels where Keras has no targets: `fit`/`evaluate` batches are
     {"index", "image"} dicts, so `y` is None and the labels are looked up by index from `label_state`
@@ -139,6 +145,38 @@ class SelaModel(keras.Model):
       # from a replica-mean of the first batch, the index is float and only its shape matters.
       return self.label_state.lookup(tf.cast(x["index"], tf.int64))
     return y
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras' build from the first batch, with the batch's replica-mean taken leaf by leaf.
+
+    Keras 3's TF trainer (3.15) reduces the first distributed batch with one
+    `strategy.reduce("MEAN", batch)` of the whole nest; MultiWorkerMirroredStrategy's collective reduce
+    takes one tensor, so `fit` on {"index", "image"} batches failed there with "Attempt to convert a
+    value ({'index': PerReplica..." (there is no public hook for this step). The same reduce, per leaf.
+    """
+    strategy = getattr(self, "_distribute_strategy", None)
+    if strategy is None or iterator is None:
+      return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    for _, _, it in iterator:
+      batch = next(it)
+      data_batch = tf.nest.map_structure(
+          lambda v: strategy.reduce("MEAN", v, axis=None)
+          if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+      break
+    return super()._maybe_symbolic_build(iterator=None, data_batch=data_batch)
+
+  def train_step(self, data):
+    """Keras' train step; under several workers its logs get a leading axis of 1.
+
+    Keras 3's TF trainer (3.15) reduces a step's logs under MultiWorkerMirroredStrategy with a
+    collective mean over axis 0, which fails on scalars ("Invalid reduction dimension 0 for input
+    with 0 dimensions", tensorflow/tensorflow#72388); over [1]-shaped logs it is the mean across
+    replicas, a scalar again.
+    """
+    logs = super().train_step(data)
+    if distribution.num_workers(self.distribute_strategy) > 1:
+      logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     return super().compute_loss(x=x, y=self._targets(x, y), y_pred=y_pred,

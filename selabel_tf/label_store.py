@@ -1,0 +1,187 @@
+"""What the label pass keeps: per-head log-probabilities, or the features once (paper sec. 3.4 at scale).
+
+The labeller needs, per head t, the log-probabilities log_softmax(features @ W_t + b_t) [N, K_t] of
+every example. Stored for every head they take N * sum_t K_t * 4 bytes (ImageNet, 3000 x 10 heads:
+154 GB); the features they come from take N * D * itemsize (D = 4096 in bfloat16: 10.5 GB), once for
+all heads. `LinearHeads` keeps the features and the heads' weights and gives each head's
+log-probabilities on demand, part by part, as the labeller reads them (`assign_labels` accepts any
+array-like with `.shape` and row slicing), so only one head's kernel exists at a time:
+
+    peak bytes ~ N * D * s_features + N * K_max * s_kernel   (+ parts of `rows_per_read` rows)
+
+per worker, with N the examples this worker holds (N / W when the labelling is sharded over W workers).
+The official code does the same (it keeps the penultimate features and applies each head in turn).
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+STORES = ("log_probs", "features")
+FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_DTYPES = ("float32", "bfloat16")
+# Rows per part when a head's log-probs are computed: its float32 log-probs of one part (at K=3000,
+# 98 MB) are the transient cost beside the stored features and the kernel.
+DEFAULT_ROWS_PER_READ = 8192
+_NONFINITE_FEATURES = {}  # the last feature array checked: id -> (array, count), shared by its heads
+
+
+@tf.function(jit_compile=True)
+def _candidate_logits(features, kernel, bias, clusters):
+  """features [n, D] . kernel[:, clusters[n, j]] + bias: [n, m] float32."""
+  columns = tf.gather(tf.transpose(kernel), clusters)  # [n, m, D]
+  return tf.einsum("nd,nmd->nm", features, columns) + tf.gather(bias, clusters)
+
+
+def _head_log_probs(features, kernel, bias, compute_probe):
+  """log_softmax(features @ kernel + bias) in float32, the product in the probe's dtype.
+
+  The product is TF's own matmul (not XLA's: on CPU TF's runs bfloat16 on the bfloat16 units, where
+  XLA's dot was measured 3-5x slower); the softmax is XLA-fused.
+  """
+  dtype = compute_probe.dtype
+  logits = tf.matmul(tf.cast(features, dtype), tf.cast(kernel, dtype))
+  return _log_softmax_with_bias(logits, bias)
+
+
+@tf.function(jit_compile=True)
+def _log_softmax_with_bias(logits, bias):
+  return tf.nn.log_softmax(tf.cast(logits, tf.float32) + bias[None, :], axis=1)
+
+
+class LinearHeadLogProbs:
+  """One linear head's log-probabilities, computed from stored features for any row range.
+
+  Args:
+    features: [N, D] (numpy, any float dtype including bfloat16; or a tensor).
+    kernel: [D, K], bias: [K]: the head's weights.
+    matmul_dtype: "float32" (exact given the stored features) or "bfloat16" (the product in
+      bfloat16, as fast as the hardware's bfloat16 matmul; the logits are then rounded to bfloat16).
+    rows_per_read: the labeller reads at most this many rows at a time.
+
+  `head[start:stop]` is a float32 tensor [stop - start, K]; `.shape` is (N, K).
+  """
+
+  def __init__(self, features, kernel, bias, *, matmul_dtype: str = "float32",
+               rows_per_read: int = DEFAULT_ROWS_PER_READ):
+    if matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
+    self.features = features
+    self.kernel = tf.convert_to_tensor(kernel, tf.float32)
+    self.bias = tf.convert_to_tensor(bias, tf.float32)
+    if len(features.shape) != 2 or self.kernel.shape.rank != 2 or features.shape[1] != self.kernel.shape[0]:
+      raise ValueError(f"LinearHeadLogProbs: features {tuple(features.shape)} and kernel "
+                       f"{tuple(self.kernel.shape)} do not compose: need [N, D] and [D, K]")
+    if tuple(self.bias.shape) != (self.kernel.shape[1],):
+      raise ValueError(f"LinearHeadLogProbs: bias {tuple(self.bias.shape)} does not match the kernel's "
+                       f"K={self.kernel.shape[1]}")
+    self.shape = (int(features.shape[0]), int(self.kernel.shape[1]))
+    self.rows_per_read = int(rows_per_read)
+    self._probe = tf.zeros([], matmul_dtype)
+    if matmul_dtype == "float32":
+      self.exact_logits = None  # the logits are exact already: nothing to re-score
+
+  def __getitem__(self, rows):
+    if not isinstance(rows, slice):
+      raise TypeError(f"LinearHeadLogProbs takes row slices, got {rows!r}")
+    start, stop, step = rows.indices(self.shape[0])
+    if step != 1:
+      raise ValueError("LinearHeadLogProbs: only contiguous row slices")
+    return _head_log_probs(tf.convert_to_tensor(self.features[start:stop]), self.kernel, self.bias,
+                           self._probe)
+
+  def nonfinite_inputs(self) -> int:
+    """NaN/inf entries among the features (counted once per feature array) and this head's weights."""
+    key = id(self.features)
+    if _NONFINITE_FEATURES.get(key, (None,))[0] is not self.features:
+      count = 0
+      for start in range(0, self.shape[0], self.rows_per_read):
+        part = tf.convert_to_tensor(self.features[start:start + self.rows_per_read])
+        count += int(tf.reduce_sum(tf.cast(~tf.math.is_finite(tf.cast(part, tf.float32)), tf.int64)))
+      _NONFINITE_FEATURES.clear()
+      _NONFINITE_FEATURES[key] = (self.features, count)
+    weights = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(self.kernel), tf.int64))
+                  + tf.reduce_sum(tf.cast(~tf.math.is_finite(self.bias), tf.int64)))
+    return _NONFINITE_FEATURES[key][1] + weights
+
+  def exact_logits(self, start: int, stop: int, clusters) -> tf.Tensor:
+    """float32 [stop - start, m]: the logits of examples [start, stop) for their `clusters` (int
+    [stop - start, m]), in float32 from the stored features. Defined only with a bfloat16 matmul,
+    whose labels the labeller then re-scores with these (see `solvers.LocalHeadSolver`)."""
+    parts = []
+    for s in range(start, stop, 1024):
+      e = min(s + 1024, stop)
+      features = tf.cast(tf.convert_to_tensor(self.features[s:e]), tf.float32)
+      parts.append(_candidate_logits(features, self.kernel, self.bias, clusters[s - start:e - start]))
+    return tf.concat(parts, 0)
+
+  def label_log_probs(self, labels: np.ndarray) -> np.ndarray:
+    """float32 [N], each example's log-probability of its label, read part by part."""
+    out = np.empty(self.shape[0], np.float32)
+    for start in range(0, self.shape[0], self.rows_per_read):
+      stop = min(start + self.rows_per_read, self.shape[0])
+      part = self[start:stop].numpy()
+      out[start:stop] = part[np.arange(stop - start), labels[start:stop]]
+    return out
+
+
+@dataclasses.dataclass
+class LinearHeads(Sequence):
+  """T linear heads over one stored feature matrix: `heads[t]` is head t's `LinearHeadLogProbs`.
+
+  Attributes:
+    features: [N, D], the label pass's "features" vector of every example.
+    kernels: T arrays [D, K_t]; biases: T arrays [K_t].
+    matmul_dtype, rows_per_read: as in `LinearHeadLogProbs`.
+  """
+  features: object
+  kernels: Sequence
+  biases: Sequence
+  matmul_dtype: str = "float32"
+  rows_per_read: int = DEFAULT_ROWS_PER_READ
+
+  def __post_init__(self):
+    if len(self.kernels) != len(self.biases) or not self.kernels:
+      raise ValueError(f"LinearHeads: {len(self.kernels)} kernels and {len(self.biases)} biases; need one "
+                       f"of each per head, at least one head")
+    self._heads = [LinearHeadLogProbs(self.features, k, b, matmul_dtype=self.matmul_dtype,
+                                      rows_per_read=self.rows_per_read)
+                   for k, b in zip(self.kernels, self.biases)]
+
+  def __len__(self):
+    return len(self._heads)
+
+  def __getitem__(self, t):
+    return self._heads[t]
+
+  @classmethod
+  def of_model(cls, model, features, heads: Sequence[int], **kwargs) -> "LinearHeads":
+    """The heads `heads` of `model` (anything with `linear_heads()` -> [(kernel, bias)] per head, as
+    `SelaModel`) over `features`."""
+    weights = model.linear_heads()
+    return cls(features, [weights[t][0] for t in heads], [weights[t][1] for t in heads], **kwargs)
+
+
+
+def per_replica_log_probs(strategy: tf.distribute.Strategy, per_replica_features, kernel, bias, *,
+                          matmul_dtype: str = "float32"):
+  """One head's log-probabilities on every replica from its shard of the features: distributed values
+  [N_r, K] float32 (an input of `labeller.assign_labels_sharded`)."""
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
+  kernel = tf.convert_to_tensor(kernel, tf.float32)
+  bias = tf.convert_to_tensor(bias, tf.float32)
+  probe = tf.zeros([], matmul_dtype)
+  return strategy.run(lambda f: _head_log_probs(f, kernel, bias, probe), args=(per_replica_features,))
+
+
+def store_bytes(num_examples: int, num_clusters: Sequence[int], feature_dim: int, store: str,
+                feature_dtype: str = "bfloat16", kernel_dtype: str = "float32") -> int:
+  """Peak bytes of a labelling: what the label pass stores plus the largest head's kernel (the formula
+  of the module docstring; the parts read at a time and the runtime come on top)."""
+  kernel = num_examples * max(num_clusters) * tf.as_dtype(kernel_dtype).size
+  if store == "features":
+    return num_examples * feature_dim * tf.as_dtype(feature_dtype).size + kernel
+  return num_examples * sum(num_clusters) * 4 + kernel

@@ -1,0 +1,103 @@
+"""Tests for `selabel_tf.label_store`: labelling from stored features, one head's log-probs at a time."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import special
+
+import selabel_tf
+from selabel_tf import label_store
+
+
+def _features_and_heads(seed=0, num_examples=3000, dim=48, clusters=(20, 7)):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(12, dim))
+  features = (centres[rng.integers(0, 12, num_examples)] + 0.7 * rng.normal(size=(num_examples, dim)))
+  kernels = [rng.normal(size=(dim, k)) * 0.4 for k in clusters]
+  biases = [rng.normal(size=k) * 0.3 for k in clusters]
+  return features.astype(np.float32), kernels, biases
+
+
+def _reference_log_probs(features, kernel, bias):
+  return special.log_softmax(features.astype(np.float64) @ kernel + bias, axis=1)
+
+
+def test_head_log_probs_match_a_float64_reference_for_any_rows():
+  features, kernels, biases = _features_and_heads()
+  heads = label_store.LinearHeads(features, kernels, biases)
+  assert len(heads) == 2 and heads[0].shape == (3000, 20) and heads[1].shape == (3000, 7)
+  for t in range(2):
+    expected = _reference_log_probs(features, kernels[t], biases[t])
+    np.testing.assert_allclose(heads[t][0:3000].numpy(), expected, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(heads[t][1234:1300].numpy(), expected[1234:1300], atol=2e-5, rtol=0)
+  labels = np.arange(3000) % 7
+  np.testing.assert_allclose(heads[1].label_log_probs(labels),
+                             _reference_log_probs(features, kernels[1], biases[1])[np.arange(3000), labels],
+                             atol=2e-5)
+
+
+def test_bfloat16_features_and_matmul_stay_close_to_the_reference():
+  features, kernels, biases = _features_and_heads()
+  narrow = features.astype(tf.bfloat16.as_numpy_dtype)
+  heads = label_store.LinearHeads(narrow, kernels, biases, matmul_dtype="bfloat16")
+  expected = _reference_log_probs(features, kernels[0], biases[0])
+  error = np.abs(heads[0][0:3000].numpy() - expected)
+  # bfloat16 keeps 8 significant bits: each logit within a few of its ulps (|logit| < 16: 2^-4).
+  assert error.max() < 0.15 and error.mean() < 0.02, (error.max(), error.mean())
+
+
+def test_labels_from_features_equal_labels_from_the_stored_log_probs_when_re_read():
+  """A float16 kernel is rebuilt from the head at every re-centring: read in parts or whole, the
+  same numbers, so the same labels and iterations."""
+  features, kernels, biases = _features_and_heads()
+  heads = label_store.LinearHeads(features, kernels, biases, rows_per_read=700)
+  stored = [heads[t][0:3000].numpy() for t in range(2)]
+  options = dict(tol=1e-3, storage_dtype="float16")
+  from_features = selabel_tf.assign_labels(heads, 10.0, **options)
+  from_store = selabel_tf.assign_labels(stored, 10.0, **options)
+  np.testing.assert_array_equal(from_features.labels, from_store.labels)
+  np.testing.assert_array_equal(from_features.iterations, from_store.iterations)
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_derived_recentrings_reach_the_same_solution(storage_dtype):
+  """With float32's range the annealing stages and re-centrings come from the kernel itself (no
+  re-read of the features); the solution is the one of the stored log-probs (tol 1e-4)."""
+  features, kernels, biases = _features_and_heads(seed=1)
+  heads = label_store.LinearHeads(features, [k * 3 for k in kernels], biases, rows_per_read=1000)
+  stored = [heads[t][0:3000].numpy() for t in range(2)]
+  options = dict(tol=1e-4, storage_dtype=storage_dtype)
+  from_features = selabel_tf.assign_labels(heads, 25.0, **options)
+  from_store = selabel_tf.assign_labels(stored, 25.0, **options)
+  assert np.all(from_features.converged)
+  agreement = np.mean(from_features.labels == from_store.labels, axis=1)
+  assert np.all(agreement >= (0.995 if storage_dtype == "float32" else 0.98)), agreement
+  for t in range(2):
+    np.testing.assert_allclose(from_features.log_row_scale[t] - from_features.log_row_scale[t].max(),
+                               from_store.log_row_scale[t] - from_store.log_row_scale[t].max(),
+                               atol=0.05 if storage_dtype == "float32" else 0.2)
+
+
+def test_bad_shapes_name_what_is_wrong():
+  features, kernels, biases = _features_and_heads()
+  with pytest.raises(ValueError, match=r"features \(3000, 48\) and kernel \(47, 20\) do not compose"):
+    label_store.LinearHeadLogProbs(features, kernels[0][:47], biases[0])
+  with pytest.raises(ValueError, match=r"bias \(7,\) does not match the kernel's K=20"):
+    label_store.LinearHeadLogProbs(features, kernels[0], biases[1])
+  with pytest.raises(ValueError, match="matmul_dtype must be one of"):
+    label_store.LinearHeadLogProbs(features, kernels[0], biases[0], matmul_dtype="float16")
+
+
+def test_store_bytes_is_the_documented_formula():
+  n, k, d = 1_281_167, [3000] * 10, 4096
+  assert label_store.store_bytes(n, k, d, "log_probs", kernel_dtype="float32") == n * 30000 * 4 + n * 3000 * 4
+  assert label_store.store_bytes(n, k, d, "features", "bfloat16", "bfloat16") == n * 4096 * 2 + n * 3000 * 2
+
+
+def test_non_finite_features_are_reported_before_any_solving():
+  features, kernels, biases = _features_and_heads()
+  features[17, 3] = np.nan
+  features[2000, 0] = np.inf
+  with pytest.raises(ValueError, match="log_probs head 0 has 2 non-finite entries"):
+    selabel_tf.assign_labels(label_store.LinearHeads(features, kernels, biases), 10.0,
+                             storage_dtype="bfloat16")
