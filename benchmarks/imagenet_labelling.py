@@ -15,7 +15,7 @@ a mu_{pi_t(k)} + a random direction per cluster, so that its softmax is confiden
 max-probability is printed; compare with benchmarks/sinkhorn.py's synthetic log-probs).
 
 Run:
-  .venv/bin/python benchmarks/imagenet_labelling.py                 # full shape, T=10
+  .venv/bin/python benchmarks/imagenet_labelling.py                 # full shape, T=10 (--num_heads=1: one)
   .venv/bin/python benchmarks/imagenet_labelling.py --agreement     # N=200,000 subset, float32 reference
 """
 
@@ -39,7 +39,7 @@ def define_flags():
   flags.DEFINE_float("lam", 25.0, "lambda (the paper's ImageNet value).")
   flags.DEFINE_float("tol", labeller.DEFAULT_TOL, "Sinkhorn tolerance.")
   flags.DEFINE_enum("feature_dtype", "bfloat16", label_store.FEATURE_DTYPES, "Stored features.")
-  flags.DEFINE_enum("matmul_dtype", "bfloat16", label_store.MATMUL_DTYPES, "The heads' product.")
+  flags.DEFINE_enum("matmul_dtype", "float32", label_store.MATMUL_DTYPES, "The heads' product.")
   flags.DEFINE_enum("storage_dtype", "bfloat16", labeller.STORAGE_DTYPES, "The kernel P^lam.")
   flags.DEFINE_bool("warm", True, "After the cold labelling, label again warm-started from it (the "
                     "labellings after the first of a run), with the weights perturbed slightly.")
