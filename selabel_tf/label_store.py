@@ -14,7 +14,7 @@ The official code does the same (it keeps the penultimate features and applies e
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -25,7 +25,6 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 # Rows per part when a head's log-probs are computed: its float32 log-probs of one part (at K=3000,
 # 98 MB) are the transient cost beside the stored features and the kernel.
 DEFAULT_ROWS_PER_READ = 8192
-_NONFINITE_FEATURES = {}  # the last feature array checked: id -> (array, count), shared by its heads
 
 
 @tf.function(jit_compile=True)
@@ -65,7 +64,7 @@ class LinearHeadLogProbs:
   """
 
   def __init__(self, features, kernel, bias, *, matmul_dtype: str = "float32",
-               rows_per_read: int = DEFAULT_ROWS_PER_READ):
+               rows_per_read: int = DEFAULT_ROWS_PER_READ, feature_check: Optional[dict] = None):
     if matmul_dtype not in MATMUL_DTYPES:
       raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
     self.features = features
@@ -80,8 +79,10 @@ class LinearHeadLogProbs:
     self.shape = (int(features.shape[0]), int(self.kernel.shape[1]))
     self.rows_per_read = int(rows_per_read)
     self._probe = tf.zeros([], matmul_dtype)
-    if matmul_dtype == "float32":
-      self.exact_logits = None  # the logits are exact already: nothing to re-score
+    # A narrow product's labels are re-scored with `exact_logits` (see `solvers.LocalHeadSolver`).
+    self.rescore_labels = matmul_dtype != "float32"
+    # The features' non-finite count, shared by the heads of one `LinearHeads` (counted once).
+    self._feature_check = feature_check if feature_check is not None else {}
 
   def __getitem__(self, rows):
     if not isinstance(rows, slice):
@@ -94,22 +95,20 @@ class LinearHeadLogProbs:
 
   def nonfinite_inputs(self) -> int:
     """NaN/inf entries among the features (counted once per feature array) and this head's weights."""
-    key = id(self.features)
-    if _NONFINITE_FEATURES.get(key, (None,))[0] is not self.features:
+    if "count" not in self._feature_check:
       count = 0
       for start in range(0, self.shape[0], self.rows_per_read):
         part = tf.convert_to_tensor(self.features[start:start + self.rows_per_read])
         count += int(tf.reduce_sum(tf.cast(~tf.math.is_finite(tf.cast(part, tf.float32)), tf.int64)))
-      _NONFINITE_FEATURES.clear()
-      _NONFINITE_FEATURES[key] = (self.features, count)
+      self._feature_check["count"] = count
     weights = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(self.kernel), tf.int64))
                   + tf.reduce_sum(tf.cast(~tf.math.is_finite(self.bias), tf.int64)))
-    return _NONFINITE_FEATURES[key][1] + weights
+    return self._feature_check["count"] + weights
 
   def exact_logits(self, start: int, stop: int, clusters) -> tf.Tensor:
     """float32 [stop - start, m]: the logits of examples [start, stop) for their `clusters` (int
-    [stop - start, m]), in float32 from the stored features. Defined only with a bfloat16 matmul,
-    whose labels the labeller then re-scores with these (see `solvers.LocalHeadSolver`)."""
+    [stop - start, m]), in float32 from the stored features (with `rescore_labels`, the labeller
+    re-scores its labels with these)."""
     parts = []
     for s in range(start, stop, 1024):
       e = min(s + 1024, stop)
@@ -146,8 +145,9 @@ class LinearHeads(Sequence):
     if len(self.kernels) != len(self.biases) or not self.kernels:
       raise ValueError(f"LinearHeads: {len(self.kernels)} kernels and {len(self.biases)} biases; need one "
                        f"of each per head, at least one head")
+    feature_check = {}
     self._heads = [LinearHeadLogProbs(self.features, k, b, matmul_dtype=self.matmul_dtype,
-                                      rows_per_read=self.rows_per_read)
+                                      rows_per_read=self.rows_per_read, feature_check=feature_check)
                    for k, b in zip(self.kernels, self.biases)]
 
   def __len__(self):

@@ -28,6 +28,9 @@ from selabel_tf import sinkhorn
 logger = logging.getLogger(__name__)
 
 _CANDIDATES = 8  # clusters per example kept for the exact-equipartition rounding
+# Derived re-centrings (see `LocalHeadSolver._derive`): entries lost to underflow stay below e^-40 of
+# their example's largest (float32's range is e^-87).
+_DERIVE_SPREAD = 47.0
 
 # A cold start anneals lambda (epsilon-scaling): it solves at lam / 2^s, ..., lam / 2, lam, each stage
 # warm-starting the next, from the largest s with lam / 2^s >= _ANNEAL_MIN_LAM. The scalings of a large
@@ -289,6 +292,11 @@ class LocalHeadSolver(HeadSolver):
       # two only if some cluster's row underflows), not the statistics' pass and then the kernel's.
       self.recentre(log_alpha, _ABSORB_LIMIT[self.storage_dtype])
       return
+    self._build_from_statistics(log_alpha)
+
+  def _build_from_statistics(self, log_alpha):
+    """The kernel with the offsets of `_kernel_stats` (a pass for them unless `check_finite`'s are at
+    hand, then the kernel's): every cluster's row keeps an entry 1, whatever underflows."""
     col_offset, row_offset = self._offsets(log_alpha)
     self.power = None  # the old kernel goes before the new one is built
     probe = tf.zeros([], self.storage_dtype)
@@ -298,47 +306,70 @@ class LocalHeadSolver(HeadSolver):
     self.col_offset = col_offset.numpy().astype(np.float64)
     self.row_offset = row_offset.numpy().astype(np.float64)
     self.power_lam = self.lam_value
+    self._read_at = (-self.row_offset, self.lam_value)
 
   def recentre(self, log_alpha, absorb_limit):
-    """Rebuilds the kernel around `log_alpha` in one pass over the log-probs (two if a row underflows),
-    or, with `derive_recentrings`, from the kernel alone (see `sinkhorn.derived_kernel_chunk`)."""
-    log_alpha_t = tf.constant(log_alpha, self.dtype)
-    probe = tf.zeros([], self.storage_dtype)
-    if self.derive_recentrings and self.power is not None:
-      ratio = tf.constant(self.lam_value / self.power_lam, self.dtype)
-      row_offset = tf.constant(self.row_offset, self.dtype)
-      col_offset = tf.constant(self.col_offset, self.dtype)
-      power, col_offsets, row_max = list(self.power), [], None
-      self.power = None
-      for c, (start, stop) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
-        power[c], chunk_col_offset, chunk_row_max = sinkhorn.derived_kernel_chunk(
-            power[c], row_offset, col_offset[start:stop], ratio, log_alpha_t)
-        col_offsets.append(chunk_col_offset)
-        row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
-      self.power = tuple(power)
-      del power
-    else:
-      self.power = None
-      col_offsets, row_max = [], [None]
+    """Rebuilds the kernel around `log_alpha`: with `derive_recentrings` from the kernel alone (see
+    `sinkhorn.derived_kernel_chunk`), unless a cluster's whole row would underflow there; else in one
+    pass over the log-probs (two if a row underflows)."""
+    if not (self.derive_recentrings and self.power is not None and self._derive(log_alpha, absorb_limit)):
+      self._read_recentred(log_alpha, absorb_limit)
 
-      def parts():
-        for c, _, _, chunk in self._parts():
-          kernel, col_offset, chunk_row_max = sinkhorn.recentred_kernel_chunk(chunk, self.lam,
-                                                                              log_alpha_t, probe)
-          col_offsets.append(col_offset)
-          row_max[0] = chunk_row_max if row_max[0] is None else tf.maximum(row_max[0], chunk_row_max)
-          yield c, kernel
-
-      power = self._assemble(parts())
-      if float(tf.reduce_min(row_max[0])) < math.exp(-absorb_limit):
-        del power
-        self.build_kernel(log_alpha)
-        return
-      self.power = power
-      del power
+  def _set_kernel(self, power, col_offsets, log_alpha):
+    """A re-centred kernel: row_offset = -log alpha."""
+    self.power = power
     self.col_offset = tf.concat(col_offsets, 0).numpy().astype(np.float64)
     self.row_offset = -np.asarray(log_alpha, np.float64)
     self.power_lam = self.lam_value
+
+  def _derive(self, log_alpha, absorb_limit) -> bool:
+    """The re-centred kernel from the current one; False (and no kernel) where it could miss what the
+    kernel lost: entries below float32's range (e^-87 of their example's largest) when it was last read
+    from the head. Each stays below e^(-87 + D), D the spread of the centre's move since that read
+    (lambda-scaled), so the kernel is derived only while D <= _DERIVE_SPREAD, and where no cluster's
+    whole row underflows."""
+    read_centre, read_lam = self._read_at
+    moved = np.asarray(log_alpha, np.float64) - read_centre * (self.lam_value / read_lam)
+    if moved.max() - moved.min() > _DERIVE_SPREAD:
+      return False
+    log_alpha_t = tf.constant(log_alpha, self.dtype)
+    ratio = tf.constant(self.lam_value / self.power_lam, self.dtype)
+    row_offset = tf.constant(self.row_offset, self.dtype)
+    col_offset = tf.constant(self.col_offset, self.dtype)
+    power, col_offsets, row_max = list(self.power), [], None
+    self.power = None
+    for c, (start, stop) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+      power[c], chunk_col_offset, chunk_row_max = sinkhorn.derived_kernel_chunk(
+          power[c], row_offset, col_offset[start:stop], ratio, log_alpha_t)
+      col_offsets.append(chunk_col_offset)
+      row_max = chunk_row_max if row_max is None else tf.maximum(row_max, chunk_row_max)
+    if float(tf.reduce_min(row_max)) < math.exp(-absorb_limit):
+      return False
+    self._set_kernel(tuple(power), col_offsets, log_alpha)
+    return True
+
+  def _read_recentred(self, log_alpha, absorb_limit):
+    """The re-centred kernel from the head, in one pass (two if a cluster's row underflows)."""
+    log_alpha_t = tf.constant(log_alpha, self.dtype)
+    self.power = None
+    probe = tf.zeros([], self.storage_dtype)
+    col_offsets, row_max = [], [None]
+
+    def parts():
+      for c, _, _, chunk in self._parts():
+        kernel, col_offset, chunk_row_max = sinkhorn.recentred_kernel_chunk(chunk, self.lam, log_alpha_t,
+                                                                            probe)
+        col_offsets.append(col_offset)
+        row_max[0] = chunk_row_max if row_max[0] is None else tf.maximum(row_max[0], chunk_row_max)
+        yield c, kernel
+
+    power = self._assemble(parts())
+    if float(tf.reduce_min(row_max[0])) < math.exp(-absorb_limit):
+      del power
+      self._build_from_statistics(log_alpha)
+      return
+    self._set_kernel(power, col_offsets, log_alpha)
+    self._read_at = (-self.row_offset, self.lam_value)
 
   def _iterations(self):
     return _solver_for(self.block_rows)
@@ -351,7 +382,7 @@ class LocalHeadSolver(HeadSolver):
     return col_scale.numpy()
 
   def argmax_labels(self, row_scale):
-    if not callable(getattr(self.head, "exact_logits", None)):
+    if not getattr(self.head, "rescore_labels", False):
       return sinkhorn.argmax_labels(self.power, row_scale).numpy()
     # A head computed in a narrow dtype (label_store's bfloat16 matmul) re-scores the kernel's best
     # few clusters per example with its float32 logits: argmax_k Q[n, k] = argmax_k (log alpha_k +

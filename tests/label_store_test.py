@@ -101,3 +101,14 @@ def test_non_finite_features_are_reported_before_any_solving():
   with pytest.raises(ValueError, match="log_probs head 0 has 2 non-finite entries"):
     selabel_tf.assign_labels(label_store.LinearHeads(features, kernels, biases), 10.0,
                              storage_dtype="bfloat16")
+
+
+def test_a_computed_head_whose_cluster_underflows_builds_from_its_statistics():
+  """A cluster no example likes (its row of P^lam underflows around log alpha = 0) makes the one-pass
+  build fall back to the statistics' build, once: the solve still converges to equal sizes."""
+  features, kernels, biases = _features_and_heads(clusters=(6,))
+  biases[0][5] = -6.0  # p(cluster 5) ~ e^-6 or less: below e^-150 at lambda 25 (bfloat16: e^-87)
+  heads = label_store.LinearHeads(features, kernels, biases)
+  result = selabel_tf.assign_labels(heads, 25.0, tol=1e-2, storage_dtype="bfloat16", anneal=False)
+  assert np.all(result.converged)
+  assert result.cluster_sizes(0).min() >= 3000 // 6 * 0.9
