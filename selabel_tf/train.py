@@ -83,6 +83,9 @@ class TrainConfig:
                              "e.g. to screen a recipe quickly.", group=_DATA)
   architecture: str = option("alexnet_small", "Backbone.", choices=backbones.BACKBONES, group=_MODEL)
   heads: str = option("10x2", "Heads: KxT (e.g. 128x10) or K1,K2,... (e.g. 128,256).", group=_MODEL)
+  fc_batchnorm: bool = option(True, "AlexNet: BatchNorm between fc6/fc7 and their ReLU, like the conv "
+                              "layers' (the official AlexNet has none there; measured in the README's "
+                              "Quality section). ResNets have no fc trunk and ignore it.", group=_MODEL)
   supervised: bool = option(False, "Train one head on the dataset's class labels instead of self-labels, "
                             "through the same train step and evaluation (the supervised reference of "
                             "paper Table 8; --heads and the self-labelling flags are not used).",
@@ -251,6 +254,13 @@ class TrainConfig:
       return (int(num_classes),)
     return heads_lib.parse_heads(self.heads)
 
+  def build_model(self, image_shape, num_examples: int, num_classes: Optional[int] = None,
+                  name: str = "sela") -> SelaModel:
+    """The run's SelaModel, unbuilt, in the current strategy scope (one home for its arguments)."""
+    return SelaModel(self.architecture, image_shape, self.head_sizes(num_classes), num_examples,
+                     label_seed=self.seed,
+                     fc_batchnorm=self.fc_batchnorm and self.architecture.startswith("alexnet"), name=name)
+
   def label_batch(self) -> int:
     """The label pass's global batch: --label_batch_size, or 4 x --batch_size."""
     return self.label_batch_size or 4 * self.batch_size
@@ -278,12 +288,18 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   return tf.distribute.TPUStrategy(resolver)
 
 
+# What a run written before one of these flags existed had (its config.json lacks the key): the value
+# then, where the default has changed since.
+BEFORE_THEIR_FLAG = {"fc_batchnorm": False}
+
+
 def prepare_run_dir(config: TrainConfig):
   """Creates run_dir, or checks that an existing one was written by the same configuration."""
   path = os.path.join(config.run_dir, "config.json")
   if tf.io.gfile.exists(path) and not config.overwrite:
-    # A key an older version did not write holds its default.
-    previous = {**json.loads(TrainConfig().to_json()), **json.loads(files.read_text(path))}
+    # A key an older version did not write holds its default, or its value then (BEFORE_THEIR_FLAG).
+    previous = {**json.loads(TrainConfig().to_json()), **BEFORE_THEIR_FLAG,
+                **json.loads(files.read_text(path))}
     current = json.loads(config.to_json())
     differing = sorted(k for k in set(previous) | set(current)
                        if k not in ("overwrite", "export_dir") and previous.get(k) != current.get(k))
@@ -558,10 +574,11 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
   if config.mixed_precision:
     gpus = tf.config.list_logical_devices("GPU")
     keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
-  num_clusters = config.head_sizes(None if inputs.truth is None else inputs.truth.num_classes)
+  num_classes = None if inputs.truth is None else inputs.truth.num_classes
+  num_clusters = config.head_sizes(num_classes)
   with strategy.scope():
-    model = SelaModel(config.architecture, (inputs.image_size, inputs.image_size, inputs.dataset.channels),
-                      num_clusters, inputs.dataset.num_examples, label_seed=config.seed, name="sela")
+    model = config.build_model((inputs.image_size, inputs.image_size, inputs.dataset.channels),
+                               inputs.dataset.num_examples, num_classes)
     model.build()
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, inputs.steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay)

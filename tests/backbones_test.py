@@ -181,3 +181,30 @@ def test_bad_arguments(name, input_shape, match):
 def test_probe_layer_names_rejects_unknown_name():
   with pytest.raises(ValueError, match=r"backbone name must be one of"):
     backbones.probe_layer_names("alexnet_big")
+
+
+def _fc_layers(model):
+  return [layer.name for layer in model.layers if layer.name.startswith(("fc6", "fc7"))]
+
+
+def test_fc_batchnorm_normalises_fc6_and_fc7_before_their_relu():
+  keras.utils.set_random_seed(0)
+  model = backbones.build_backbone("alexnet_small", (28, 28, 1), fc_batchnorm=True)
+  assert _fc_layers(model) == ["fc6_dropout", "fc6", "fc6_bn", "fc6_relu",
+                               "fc7_dropout", "fc7", "fc7_bn", "fc7_relu"]
+  assert "fc6_bn" not in _fc_layers(backbones.build_backbone("alexnet_small", (28, 28, 1)))
+  # 2 x 4096 (gamma, beta) more trainable weights than the official network; nothing else changes.
+  plain = backbones.build_backbone("alexnet_small", (28, 28, 1))
+  assert _trainable_count(model) - _trainable_count(plain) == 2 * 2 * 4096
+  # In training mode fc7's pre-activations are the batch-standardised fc7 outputs (numpy float64).
+  images = np.random.default_rng(0).normal(size=(64, 28, 28, 1)).astype(np.float32)
+  probe = keras.Model(model.input, [model.get_layer("fc7").output, model.get_layer("fc7_bn").output])
+  fc7, normalised = (np.asarray(v, np.float64) for v in probe(images, training=True))
+  expected = (fc7 - fc7.mean(0)) / np.sqrt(fc7.var(0) + 1e-5)
+  np.testing.assert_allclose(normalised, expected, atol=2e-3)
+  assert np.abs(normalised.std(0) - 1).max() < 0.01
+
+
+def test_fc_batchnorm_is_refused_for_a_resnet():
+  with pytest.raises(ValueError, match="fc_batchnorm applies to the AlexNet backbones.*'resnet18'"):
+    backbones.build_backbone("resnet18", (32, 32, 3), fc_batchnorm=True)

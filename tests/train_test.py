@@ -63,6 +63,26 @@ def test_sela_model_config_round_trip_and_label_lookup():
   assert int(model.label_state.num_labellings.numpy()) == 1
 
 
+def test_fc_batchnorm_is_the_default_for_alexnet_kept_by_the_twin_and_ignored_by_resnet():
+  model = train.TrainConfig(heads="5,7").build_model((28, 28, 1), 40)
+  model.build()
+  assert model.fc_batchnorm and "fc7_bn" in [layer.name for layer in model.backbone.layers]
+  twin = model.label_pass_twin("mixed_bfloat16")  # from the model's config: the same layers
+  assert twin.fc_batchnorm and [w.shape for w in twin.weights] == [w.shape for w in model.weights]
+  plain = train.TrainConfig(heads="5,7", fc_batchnorm=False).build_model((28, 28, 1), 40)
+  assert not plain.fc_batchnorm
+  resnet = train.TrainConfig(heads="5", architecture="resnet18").build_model((32, 32, 3), 40)
+  assert not resnet.fc_batchnorm  # no fc trunk
+
+
+def test_a_run_written_before_fc_batchnorm_existed_is_rebuilt_without_it():
+  from selabel_tf.evaluation import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top
+  old = json.loads(train.TrainConfig().to_json())
+  del old["fc_batchnorm"]
+  assert run_dir_lib.config_from_dict(old).fc_batchnorm is False
+  assert run_dir_lib.config_from_dict({**old, "fc_batchnorm": True}).fc_batchnorm is True
+
+
 def test_label_state_is_checkpointed_with_the_model(tmp_path):
   model = SelaModel("alexnet_small", (28, 28, 1), (5,), 30, name="sela")
   model.build()

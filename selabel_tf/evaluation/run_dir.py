@@ -45,6 +45,7 @@ def config_from_dict(values: dict, **overrides) -> train.TrainConfig:
   """A TrainConfig from its JSON dict (config.json, an export's run_config), `overrides` applied; keys
   this version does not know are left out."""
   known = {field.name for field in dataclasses.fields(train.TrainConfig)}
+  values = {**train.BEFORE_THEIR_FLAG, **values}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
   return dataclasses.replace(train.TrainConfig(**values), **overrides)
 
@@ -66,8 +67,7 @@ def build_model(config: train.TrainConfig, num_examples: int, image_size: int, c
                 num_classes: Optional[int], weights: Optional[str] = None) -> SelaModel:
   """The run's SelaModel, built in the current strategy scope, with `weights` loaded (None: as initialised,
   seeded by the run's --seed)."""
-  model = SelaModel(config.architecture, (image_size, image_size, channels), config.head_sizes(num_classes),
-                    num_examples, label_seed=config.seed, name="sela")
+  model = config.build_model((image_size, image_size, channels), num_examples, num_classes)
   model.build()
   if weights is not None:
     model.load_weights(weights)

@@ -23,7 +23,8 @@ The input size picks the variant, from the shorter side S = min(H, W):
   AlexNet results), "alexnet_small" its CFG["small"] (64-192-384-256-256). Conv1 11x11/4 pad 2,
   max-pool 3/2, conv2 5x5 pad 2, max-pool 3/2, conv3-5 3x3 pad 1, max-pool 3/2: 6x6x256 at 224 px.
   Every conv keeps its bias and is followed by BatchNorm and ReLU, as the official; the trunk is
-  Dropout(0.5), fc6 (4096), ReLU, Dropout(0.5), fc7 (4096), ReLU, with no BatchNorm. ResNet: conv
+  Dropout(0.5), fc6 (4096), ReLU, Dropout(0.5), fc7 (4096), ReLU, with no BatchNorm
+  (`fc_batchnorm=True` adds one before each of the two ReLUs). ResNet: conv
   7x7/2, BN, ReLU, max-pool 3/2, four stages (the stride-2 of a bottleneck on its 3x3 conv, as
   torchvision), block4 7x7 at 224 px.
 * `MIN_INPUT_SIZE` (16) <= S < 128: small-input variants for CIFAR/MNIST-sized images (64 and 96 px
@@ -97,13 +98,15 @@ def input_variant(input_shape: Sequence[int]) -> str:
   return "imagenet" if min(input_shape[0], input_shape[1]) >= IMAGENET_MIN_SIZE else "small"
 
 
-def build_backbone(name: str, input_shape: Sequence[int]) -> keras.Model:
+def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = False) -> keras.Model:
   """Builds a backbone (see the module docstring for the architectures).
 
   Args:
     name: one of `BACKBONES`: "alexnet_small", "alexnet", "resnet18", "resnet50".
     input_shape: (H, W, C) of the images, C in `CHANNELS`; the shorter side picks the ImageNet
       (>= 128 px) or the small-input (16-127 px) variant.
+    fc_batchnorm: AlexNet: a BatchNorm between fc6 (and fc7) and its ReLU, like the conv layers' (the
+      official AlexNet has none there). ResNets have no fc trunk: True is refused.
 
   Returns:
     A functional `keras.Model` named `name`, from images float [B, H, W, C] to a dict: one activation
@@ -115,11 +118,14 @@ def build_backbone(name: str, input_shape: Sequence[int]) -> keras.Model:
       H, W >= `MIN_INPUT_SIZE`.
   """
   _check_name(name)
+  if fc_batchnorm and not name.startswith("alexnet"):
+    raise ValueError(f"fc_batchnorm applies to the AlexNet backbones (their fc6/fc7 trunk); {name!r} "
+                     f"has none")
   input_shape = _check_input_shape(input_shape)
   imagenet = input_variant(input_shape) == "imagenet"
   images = keras.Input(shape=input_shape, name="images")
   if name.startswith("alexnet"):
-    outputs = _alexnet(images, _ALEXNET_WIDTHS[name], imagenet)
+    outputs = _alexnet(images, _ALEXNET_WIDTHS[name], imagenet, fc_batchnorm)
   else:
     outputs = _resnet(images, _RESNET_UNITS[name], _RESNET_BOTTLENECK[name], imagenet)
   return keras.Model(images, outputs, name=name)
@@ -169,8 +175,8 @@ def _conv_bn(x, filters, kernel, stride, padding, name, use_bias=False, relu=Tru
 # AlexNet.
 
 
-def _alexnet(images, widths, imagenet) -> Dict[str, keras.KerasTensor]:
-  """Layers conv{i}_{pad,conv,bn,relu}, pool{i}, flatten, fc{6,7}_{dropout,relu}, fc6, fc7, features."""
+def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTensor]:
+  """Layers conv{i}_{pad,conv,bn,relu}, pool{i}, flatten, fc{6,7}_{dropout,[bn,]relu}, fc6, fc7, features."""
   if imagenet:
     conv1 = (11, 4, 2)  # (kernel, stride, padding)
   else:
@@ -190,6 +196,9 @@ def _alexnet(images, widths, imagenet) -> Dict[str, keras.KerasTensor]:
     x = keras.layers.Dropout(_ALEXNET_DROPOUT, name=f"{name}_dropout")(x)
     x = keras.layers.Dense(_ALEXNET_FC_UNITS, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
                            name=name)(x)
+    if fc_batchnorm:
+      x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=True,
+                                          name=f"{name}_bn")(x)
     x = keras.layers.ReLU(name=f"{name}_relu")(x)
   outputs["features"] = keras.layers.Activation("linear", dtype="float32", name="features")(x)
   return outputs
