@@ -259,7 +259,7 @@ class TrainConfig:
     """The run's SelaModel, unbuilt, in the current strategy scope (one home for its arguments)."""
     return SelaModel(self.architecture, image_shape, self.head_sizes(num_classes), num_examples,
                      label_seed=self.seed,
-                     fc_batchnorm=self.fc_batchnorm and self.architecture.startswith("alexnet"), name=name)
+                     fc_batchnorm=self.fc_batchnorm and backbones.has_fc_trunk(self.architecture), name=name)
 
   def label_batch(self) -> int:
     """The label pass's global batch: --label_batch_size, or 4 x --batch_size."""

@@ -98,6 +98,11 @@ def input_variant(input_shape: Sequence[int]) -> str:
   return "imagenet" if min(input_shape[0], input_shape[1]) >= IMAGENET_MIN_SIZE else "small"
 
 
+def has_fc_trunk(name: str) -> bool:
+  """Whether backbone `name` has AlexNet's fc6/fc7 trunk (where `fc_batchnorm` applies)."""
+  return name.startswith("alexnet")
+
+
 def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = False) -> keras.Model:
   """Builds a backbone (see the module docstring for the architectures).
 
@@ -118,7 +123,7 @@ def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = F
       H, W >= `MIN_INPUT_SIZE`.
   """
   _check_name(name)
-  if fc_batchnorm and not name.startswith("alexnet"):
+  if fc_batchnorm and not has_fc_trunk(name):
     raise ValueError(f"fc_batchnorm applies to the AlexNet backbones (their fc6/fc7 trunk); {name!r} "
                      f"has none")
   input_shape = _check_input_shape(input_shape)
