@@ -8,19 +8,21 @@ small-image dataset), centre crop to the model's input size, scale to [0, 1], no
 data's mean and std. The signatures:
 
   features       {"features": float32 [B, D], and one float32 [B, d_layer] per probe layer: the layer's
-                 activation pooled as the linear probes read it (see selabel_tf.evaluation.probes)}
+                 activation pooled as the linear probes read it (see selabel_tf.evaluation.probes);
+                 always the backbone's embedding, the metadata's "embedding" (AlexNet: "pool5", the
+                 conv trunk's output; ResNet: "features"), the representation to use downstream}
   probabilities  {"head_0": float32 [B, K_0], ..., "head_{T-1}"}: each head's softmax
   assign         {"clusters": int32 [B, T], each head's argmax; "confidence": float32 [B, T], its probability}
   metadata       (no input) {"json": the metadata below, a string}
 
 `assets.extra/metadata.json` holds the same metadata: architecture, heads, input spec and transform,
-normalisation, dataset, the commit, the probe layers and their dimensions. The export is written beside
-`export_dir` and moved into place (`selabel_tf.files.replace_directory`), through `tf.io.gfile`.
+normalisation, dataset, the commit, the embedding, the probe layers and their dimensions. The export is
+written beside `export_dir` and moved into place (`selabel_tf.files.replace_directory`), through `tf.io.gfile`.
 
 Downstream, with no selabel_tf installed:
 
     loaded = tf.saved_model.load(export_dir)
-    loaded.signatures["features"](images=uint8_batch)["features"]
+    loaded.signatures["features"](images=uint8_batch)[metadata["embedding"]]
     keras.layers.TFSMLayer(export_dir, call_endpoint="features", trainable=False)
 
 `export_run_dir(run_dir, export_dir)` exports a `bin/train` run directory (`bin/export`, `bin/train
@@ -41,6 +43,7 @@ import tensorflow as tf
 from selabel_tf import files
 from selabel_tf.data import augment
 from selabel_tf.evaluation import probes as probes_lib
+from selabel_tf.modeling import backbones
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def export_model(model, export_dir: str, transform: augment.AugmentConfig, *,
     export_dir: a local or gfile path; an existing export there is replaced whole.
     transform: the evaluation transform of the training data (`Dataset.augment_config(size, "none")`).
     probe_layers: the pooled activations `features` returns beside "features" (default: every probe
-      layer of the architecture).
+      layer of the architecture); the embedding layer is always among them.
     metadata: entries added to the metadata (dataset, run directory, ...).
 
   Raises:
@@ -90,7 +93,9 @@ def export_model(model, export_dir: str, transform: augment.AugmentConfig, *,
   if transform.image_size != size or transform.channels != channels:
     raise ValueError(f"the transform makes {transform.image_size} px images with {transform.channels} "
                      f"channels, the model takes {size} px with {channels}")
-  layers = tuple(layer for layer in (probe_layers or probes_lib.default_layers(model.architecture))
+  embedding = backbones.embedding_layer(model.architecture)
+  layers = tuple(layer for layer in dict.fromkeys((*(probe_layers or probes_lib.default_layers(model.architecture)),
+                                                   embedding))
                  if layer != probes_lib.FEATURES)
   pooling = probes_lib.activation_pooling(model.backbone, layers)
   spec = tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")
@@ -122,6 +127,7 @@ def export_model(model, export_dir: str, transform: augment.AugmentConfig, *,
                 "image_size": size, "resize_size": transform.resize_size, "channels": channels,
                 "transform": describe_transform(transform)},
       "normalization": {"mean": list(transform.mean or ()), "std": list(transform.std or ())},
+      "embedding": embedding,
       "signatures": {
           "features": {probes_lib.FEATURES: int(model.backbone.output[probes_lib.FEATURES].shape[-1]),
                        **pooling.dimensions()},

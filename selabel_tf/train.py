@@ -171,8 +171,9 @@ class TrainConfig:
                                 group=_EVALUATION)
   knn_k: Tuple[int, ...] = option((10, 50, 200), "Numbers of neighbours of the weighted kNN.",
                                   group=_EVALUATION)
-  knn_layer: str = option("features", "The activation the kNN reads (features or a probe layer).",
-                          group=_EVALUATION)
+  knn_layer: str = option("", "The activation the kNN reads: features (the heads' input, the paper's "
+                          "fc7 for AlexNet), a probe layer, or empty for the backbone's embedding (AlexNet: "
+                          "pool5, the conv trunk's output; ResNet: features).", group=_EVALUATION)
   probe_layers: Tuple[str, ...] = option((), "Probed activations (empty: every probe layer and features).",
                                          group=_EVALUATION)
   probe_mode: str = option("cached", "cached (one pass, epochs over stored activations) or streamed "
@@ -241,7 +242,7 @@ class TrainConfig:
       if not ok:
         raise ConfigError(message)
     layers = probes_lib.default_layers(self.architecture)
-    for flag, names in (("probe_layers", self.probe_layers), ("knn_layer", (self.knn_layer,))):
+    for flag, names in (("probe_layers", self.probe_layers), ("knn_layer", (self.knn_layer,) if self.knn_layer else ())):
       unknown = [name for name in names if name not in layers]
       if unknown:
         raise ConfigError(f"--{flag}={','.join(names)}: {', '.join(unknown)} is not a layer of "
@@ -562,7 +563,8 @@ def build_evaluation_data(config: TrainConfig, image_size: Optional[int] = None
 def evaluation_options(config: TrainConfig) -> suite.EvaluationOptions:
   """The evaluation suite's options from the config's evaluation flags."""
   return suite.EvaluationOptions(
-      knn_ks=tuple(config.knn_k), knn_layer=config.knn_layer, probe_layers=tuple(config.probe_layers),
+      knn_ks=tuple(config.knn_k), knn_layer=config.knn_layer or backbones.embedding_layer(config.architecture),
+      probe_layers=tuple(config.probe_layers),
       probe_mode=config.probe_mode,
       probe=probes_lib.ProbeOptions(epochs=config.probe_epochs, batch_size=config.probe_batch_size,
                                     learning_rate=config.probe_learning_rate, seed=config.seed))

@@ -15,17 +15,17 @@ from selabel_tf.modeling import backbones
 from selabel_tf.modeling import heads
 
 _FEATURES = {"alexnet_small": 4096, "alexnet": 4096, "resnet18": 512, "resnet50": 2048}
-# Channels of the probe activations: conv1..conv5 (AlexNet), stem, block1..block4 (ResNet).
+# Channels of the probe activations: conv1..conv5, pool5 (AlexNet), stem, block1..block4 (ResNet).
 _CHANNELS = {
-    "alexnet_small": (64, 192, 384, 256, 256),
-    "alexnet": (96, 256, 384, 384, 256),
+    "alexnet_small": (64, 192, 384, 256, 256, 256),
+    "alexnet": (96, 256, 384, 384, 256, 256),
     "resnet18": (64, 64, 128, 256, 512),
     "resnet50": (64, 256, 512, 1024, 2048),
 }
 # Their spatial size by input size. AlexNet: conv1 keeps 28/32 px (3x3/1), or 224 -> 55 (11x11/4);
-# each 3/2 max-pool maps n to (n - 3) // 2 + 1. ResNet: the 224 px stem divides by 4, the small stem by 1,
-# each later stage by 2 (rounding up).
-_ALEXNET_SIZES = {28: (28, 13, 6, 6, 6), 32: (32, 15, 7, 7, 7), 224: (55, 27, 13, 13, 13)}
+# each 3/2 max-pool (after conv1, conv2 and conv5: pool5) maps n to (n - 3) // 2 + 1. ResNet: the 224 px
+# stem divides by 4, the small stem by 1, each later stage by 2 (rounding up).
+_ALEXNET_SIZES = {28: (28, 13, 6, 6, 6, 2), 32: (32, 15, 7, 7, 7, 3), 224: (55, 27, 13, 13, 13, 6)}
 _RESNET_SIZES = {28: (28, 28, 14, 7, 4), 32: (32, 32, 16, 8, 4), 224: (56, 56, 28, 14, 7)}
 
 
@@ -157,13 +157,28 @@ def test_trains_under_mirrored_strategy(mirrored_strategy):
 
 
 @pytest.mark.parametrize("name,probes", [
-    ("alexnet", ("conv1", "conv2", "conv3", "conv4", "conv5")),
-    ("alexnet_small", ("conv1", "conv2", "conv3", "conv4", "conv5")),
+    ("alexnet", ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")),
+    ("alexnet_small", ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")),
     ("resnet18", ("stem", "block1", "block2", "block3", "block4")),
     ("resnet50", ("stem", "block1", "block2", "block3", "block4")),
 ])
 def test_probe_layer_names(name, probes):
   assert backbones.probe_layer_names(name) == probes
+
+
+@pytest.mark.parametrize("name,embedding", [
+    ("alexnet", "pool5"), ("alexnet_small", "pool5"), ("resnet18", "features"), ("resnet50", "features")])
+def test_embedding_layer(name, embedding):
+  assert backbones.embedding_layer(name) == embedding
+
+
+def test_pool5_is_the_input_of_fc6():
+  """pool5 is the conv trunk's output: fc6 (dropout off) applied to it flattened gives fc6's output."""
+  model = backbones.build_backbone("alexnet_small", (28, 28, 1))
+  images = np.random.default_rng(0).uniform(-1, 1, size=(3, 28, 28, 1)).astype(np.float32)
+  pool5 = model(images, training=False)["pool5"].numpy()
+  fc6_in = keras.Model(model.input, model.get_layer("flatten").output)(images, training=False).numpy()
+  np.testing.assert_array_equal(pool5.reshape(3, -1), fc6_in)
 
 
 @pytest.mark.parametrize("name,input_shape,match", [
@@ -181,6 +196,8 @@ def test_bad_arguments(name, input_shape, match):
 def test_probe_layer_names_rejects_unknown_name():
   with pytest.raises(ValueError, match=r"backbone name must be one of"):
     backbones.probe_layer_names("alexnet_big")
+  with pytest.raises(ValueError, match=r"backbone name must be one of"):
+    backbones.embedding_layer("alexnet_big")
 
 
 def _fc_layers(model):

@@ -158,7 +158,7 @@ def test_callbacks_in_fit_on_one_and_two_replicas_agree(data, mirrored_strategy)
     history = model.fit(train, epochs=1, callbacks=callbacks, verbose=0)
     results[name] = suite.collect_metrics(callbacks)
     # Keras logs carry the evaluation (so History and TensorBoard see it).
-    assert "knn_top1/features/k=5" in history.history
+    assert "knn_top1/pool5/k=5" in history.history  # the backbone's embedding
     assert "cluster_test/head_1/nmi" in history.history
   one, two = results["one"], results["two"]
   assert {k for k in one if not k.endswith("_seconds")} == {k for k in two if not k.endswith("_seconds")}
@@ -210,22 +210,28 @@ def test_cluster_metrics_of_a_model_without_label_state_count_its_empty_clusters
   assert not any(k.startswith("cluster_selabel/") for k in metrics)
 
 
-def test_knn_callback_equals_the_knn_of_the_model_features(data):
+@pytest.mark.parametrize("layer,key,stored", [
+    ("features", "features", np.float32),  # fc7, the heads' input, kept float32
+    (None, "pool5", np.float16),  # default: the backbone's embedding, stored narrow as the probe layers
+])
+def test_knn_callback_equals_the_knn_of_the_model_activations(data, layer, key, stored):
   model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
-  callback = eval_callbacks.KNNCallback(data, ks=(3, 7))
+  callback = eval_callbacks.KNNCallback(data, layer=layer, ks=(3, 7))
   callback.set_model(model)
   metrics = callback.evaluate()
+  assert sorted(metrics) == ["knn_seconds", f"knn_top1/{key}/k=3", f"knn_top1/{key}/k=7"]
 
-  def features(split):
+  def activations(split):
     dataset, _ = data.split(split)
     mean, std = dataset.normalization()
     images = (dataset.images.astype(np.float32) / 255.0 - mean[0]) / std[0]
-    return np.asarray(model.features(images, training=False)["features"])
+    values = np.asarray(model.features(images, training=False)[key])
+    return values.reshape(len(values), -1).astype(stored)
 
-  expected = knn.weighted_knn(features("train"), data.train_truth.labels, features("test"),
+  expected = knn.weighted_knn(activations("train"), data.train_truth.labels, activations("test"),
                               num_classes=NUM_CLASSES, ks=(3, 7)).accuracy(data.test_truth.labels)
-  assert metrics["knn_top1/features/k=3"] == pytest.approx(expected[3], abs=1e-9)
-  assert metrics["knn_top1/features/k=7"] == pytest.approx(expected[7], abs=1e-9)
+  assert metrics[f"knn_top1/{key}/k=3"] == pytest.approx(expected[3], abs=1e-9)
+  assert metrics[f"knn_top1/{key}/k=7"] == pytest.approx(expected[7], abs=1e-9)
 
 
 def test_evaluation_callback_errors(data):

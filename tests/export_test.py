@@ -59,7 +59,7 @@ def exported(tmp_path_factory):
   transform = restored.dataset.augment_config(28, "none")
   activations = restored.model.backbone(augment.evaluation_batch(images, transform), training=False)
   probabilities = [tf.nn.softmax(l).numpy() for l in restored.model.heads(activations["features"])]
-  layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
+  layers = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
   pooled = probes.activation_pooling(restored.model.backbone, layers)(activations)  # as the probes read them
   np.save(base / "images.npy", images)
   return {"dir": base / "export", "run_dir": config.run_dir, "base": base, "images": images,
@@ -143,6 +143,7 @@ def test_metadata_names_the_model_input_and_data(exported):
   assert metadata["normalization"] == {"mean": list(mean), "std": list(std)}
   assert metadata["dataset"] == "fashion_mnist" and metadata["num_examples"] == 512
   assert metadata["signatures"]["features"]["features"] == 4096
+  assert metadata["embedding"] == "pool5" and metadata["signatures"]["features"]["pool5"] == 2 * 2 * 256
   assert metadata["signatures"]["probabilities"] == {"head_0": 10, "head_1": 16}
   assert metadata["commit"] is None or len(metadata["commit"].split("+")[0]) == 40
   assert export.is_export(exported["dir"]) and not export.is_export(exported["run_dir"])
@@ -156,7 +157,8 @@ def test_a_second_export_replaces_the_first_whole_and_a_failed_one_leaves_it(exp
   (target / "stale.txt").write_text("from the first export")
   export.export_model(restored.model, str(target), transform, probe_layers=["conv2"])
   assert not (target / "stale.txt").exists()
-  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv2"}
+  # The embedding (pool5) always comes with the chosen probe layers.
+  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv2", "pool5"}
 
   def failing(directory):
     tf.io.gfile.makedirs(directory)
@@ -167,7 +169,7 @@ def test_a_second_export_replaces_the_first_whole_and_a_failed_one_leaves_it(exp
 
   with pytest.raises(RuntimeError, match="disk full"):
     files.replace_directory(str(target), failing)
-  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv2"}
+  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv2", "pool5"}
   assert sorted(os.listdir(tmp_path)) == ["half", "model"]  # no temporary directory left beside it
   loaded = tf.saved_model.load(str(target))
   np.testing.assert_allclose(loaded.signatures["features"](images=tf.constant(exported["images"]))["features"],
@@ -181,7 +183,7 @@ def test_export_and_run_dir_files_go_through_gfile_ram_filesystem(exported):
   for layers in (["conv1"], ["conv5"]):  # the second replaces the first (file-by-file move)
     export.export_model(restored.model, target, transform, probe_layers=layers)
   assert sorted(tf.io.gfile.listdir("ram://selabel_export_test")) == ["model"]
-  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv5"}
+  assert set(export.load_metadata(target)["signatures"]["features"]) == {"features", "conv5", "pool5"}
   loaded = tf.saved_model.load(target)
   np.testing.assert_allclose(loaded.signatures["features"](images=tf.constant(exported["images"]))["features"],
                              exported["features"], atol=1e-5)

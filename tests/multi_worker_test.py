@@ -107,7 +107,7 @@ def test_two_workers_label_like_one_process(tmp_path):
 
   with open(f"{single}.json") as f:
     expected_metrics = json.load(f)
-  assert "knn_top1/features/k=5" in expected_metrics and "cluster_test/head_0/nmi" in expected_metrics
+  assert "knn_top1/pool5/k=5" in expected_metrics and "cluster_test/head_0/nmi" in expected_metrics
   for index in range(2):
     with open(tmp_path / f"worker_{index}.npz.json") as f:
       got = json.load(f)

@@ -186,6 +186,18 @@ def test_cli_bad_input_exits_2_with_one_line(name, flags, needle, tiny_npz, tmp_
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("architecture,knn_layer,expected", [
+    ("alexnet_small", "", "pool5"),  # empty: the backbone's embedding, AlexNet's conv trunk output
+    ("resnet18", "", "features"),
+    ("alexnet_small", "features", "features"),  # the paper's fc7 kNN
+    ("alexnet_small", "conv2", "conv2"),
+])
+def test_the_knn_reads_the_backbones_embedding_unless_a_layer_is_named(architecture, knn_layer, expected):
+  config = train.TrainConfig(architecture=architecture, knn_layer=knn_layer)
+  config.validate()
+  assert train.evaluation_options(config).knn_layer == expected
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--probe_mode=online"], "--probe_mode=online: value should be one of"),
     (["--labeller=spectral"], "--labeller=spectral: value should be one of"),
@@ -405,8 +417,8 @@ def test_the_default_config_smoke_run_writes_a_complete_run_dir(tmp_path):
   with open(run_dir / "config.json") as f:
     config = json.load(f)
   heads = len(config["heads"].split(","))
-  layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "features"]
-  expected = ([f"knn_top1/features/k={k}" for k in (10, 50, 200)] + ["probe_best_layer", "evaluation_seconds",
+  layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "features"]
+  expected = ([f"knn_top1/pool5/k={k}" for k in (10, 50, 200)] + ["probe_best_layer", "evaluation_seconds",
               "seconds_per_epoch", "train_seconds", "nmi", "ari", "selabel_seconds"]
               + [f"probe_test_top1/{layer}" for layer in layers]
               + [f"cluster_{s}/head_{t}/nmi" for s in ("selabel", "test") for t in range(heads)])

@@ -330,7 +330,9 @@ class KNNCallback(_EvaluationCallback):
 
   Args:
     data: the labelled splits.
-    layer: the activation to use ("features", or a probe layer, pooled as the probes read it).
+    layer: the activation to use ("features", or a probe layer, pooled as the probes read it); None:
+      the backbone's embedding (`backbones.embedding_layer`: AlexNet's pool5, ResNet's features), or
+      "features" for a model with `activations` of its own.
     ks: numbers of neighbours.
     temperature: the vote weight is exp(similarity / temperature).
     every_epochs, at_end, activations, cache, log_dir, verbose: as `LinearProbeCallback`.
@@ -338,7 +340,7 @@ class KNNCallback(_EvaluationCallback):
 
   name = "knn"
 
-  def __init__(self, data: EvaluationData, *, layer: str = probes_lib.FEATURES,
+  def __init__(self, data: EvaluationData, *, layer: Optional[str] = None,
                ks: Sequence[int] = (10, 50, 200), temperature: float = 0.1,
                every_epochs: Optional[int] = None, at_end: bool = True,
                activations: Optional[keras.Model] = None, cache: Optional[ActivationCache] = None,
@@ -350,20 +352,29 @@ class KNNCallback(_EvaluationCallback):
     self.temperature = float(temperature)
     self.activations = activations
 
+  def knn_layer(self) -> str:
+    """`layer`, or the model's embedding (see the class docstring)."""
+    if self.layer is not None:
+      return self.layer
+    if self.activations is None and getattr(self.model, "architecture", None) in backbones.BACKBONES:
+      return backbones.embedding_layer(self.model.architecture)
+    return probes_lib.FEATURES
+
   def set_model(self, model):
     super().set_model(model)
-    self._cache([self.layer])
+    self._cache([self.knn_layer()])
     if self.activations is not None and self.cache.activations is None:
       self.cache.activations = self.activations
 
   def _evaluate(self):
-    train = self.cache.get(self.model, "train")["activations"][self.layer]
-    test = self.cache.get(self.model, "test")["activations"][self.layer]
+    layer = self.knn_layer()
+    train = self.cache.get(self.model, "train")["activations"][layer]
+    test = self.cache.get(self.model, "test")["activations"][layer]
     result = knn_lib.weighted_knn(train, self.data.train_truth.labels, test,
                                   num_classes=self.data.num_classes, ks=self.ks,
                                   temperature=self.temperature, strategy=self.model.distribute_strategy)
     accuracy = result.accuracy(self.data.test_truth.labels)
-    return {f"knn_top1/{self.layer}/k={k}": float(accuracy[k]) for k in self.ks}
+    return {f"knn_top1/{layer}/k={k}": float(accuracy[k]) for k in self.ks}
 
 
 class ClusterMetricsCallback(_EvaluationCallback):

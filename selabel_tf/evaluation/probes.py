@@ -34,7 +34,7 @@ import tensorflow as tf
 from selabel_tf.modeling import backbones
 
 TARGET_DIMENSIONS = 9600  # the official probes' largest pooled size
-FEATURES = "features"
+FEATURES = backbones.FEATURES
 _BN_MOMENTUM, _BN_EPSILON = 0.9, 1e-5  # PyTorch's BatchNorm defaults (momentum 0.1)
 
 

@@ -22,14 +22,14 @@ class EvaluationOptions:
 
   Attributes:
     knn_ks: the kNN's numbers of neighbours.
-    knn_layer: the activation the kNN reads.
+    knn_layer: the activation the kNN reads (None: the backbone's embedding, see `KNNCallback`).
     probe_layers: the probed activations (empty: every probe layer of the backbone and "features").
     probe_mode: "cached" or "streamed" (see `LinearProbeCallback`).
     probe: the probes' optimisation.
     batch_size: global batch of the evaluation passes.
   """
   knn_ks: Tuple[int, ...] = (10, 50, 200)
-  knn_layer: str = probes_lib.FEATURES
+  knn_layer: Optional[str] = None
   probe_layers: Tuple[str, ...] = ()
   probe_mode: str = "cached"
   probe: probes_lib.ProbeOptions = probes_lib.ProbeOptions()
@@ -67,7 +67,7 @@ def build_callbacks(data: eval_callbacks.EvaluationData, options: EvaluationOpti
                     activations: Optional[keras.Model] = None) -> List[keras.callbacks.Callback]:
   """[KNNCallback, LinearProbeCallback, ClusterMetricsCallback] sharing one `ActivationCache`;
   `activations`: a functional model from images to named activations (default: the model's backbone)."""
-  cache = eval_callbacks.ActivationCache(data, [options.knn_layer], heads=True, activations=activations,
+  cache = eval_callbacks.ActivationCache(data, [], heads=True, activations=activations,
                                          verbose=verbose)
   common = dict(every_epochs=every_epochs, at_end=at_end, cache=cache, log_dir=log_dir, verbose=verbose)
   return [

@@ -2,18 +2,24 @@
 
 `build_backbone(name, input_shape)` returns a `keras.Model` from images float [B, H, W, C] (C = 1 or 3)
 to a dict of activations: one per linear probe (`probe_layer_names(name)`) and "features", the vector
-the clustering heads and the kNN evaluation read.
+the clustering heads read.
 
-| name            | probe keys (activations)        | "features"                                |
-|-----------------|---------------------------------|-------------------------------------------|
-| "alexnet_small" | conv1 .. conv5 (after BN, ReLU) | float32 [B, 4096]: fc7 after ReLU          |
-| "alexnet"       | conv1 .. conv5 (after BN, ReLU) | float32 [B, 4096]: fc7 after ReLU          |
-| "resnet18"      | stem, block1 .. block4          | float32 [B, 512]: global average of block4 |
-| "resnet50"      | stem, block1 .. block4          | float32 [B, 2048]                          |
+| name            | probe keys (activations)                | "features"                                 |
+|-----------------|-----------------------------------------|--------------------------------------------|
+| "alexnet_small" | conv1 .. conv5 (after BN, ReLU), pool5  | float32 [B, 4096]: fc7 after ReLU          |
+| "alexnet"       | conv1 .. conv5 (after BN, ReLU), pool5  | float32 [B, 4096]: fc7 after ReLU          |
+| "resnet18"      | stem, block1 .. block4                  | float32 [B, 512]: global average of block4 |
+| "resnet50"      | stem, block1 .. block4                  | float32 [B, 2048]                          |
 
-AlexNet's probes read each conv layer after its ReLU and before any max-pool, where the official
-`eval_linear_probes.py` attaches them; ResNet's "stem" is the input of block1 (after the max-pool in
-the ImageNet stem) and "blockN" the output of stage N.
+AlexNet's conv probes read each conv layer after its ReLU and before any max-pool, where the official
+`eval_linear_probes.py` attaches them; "pool5" is conv5's max-pool, the input of fc6: the output of
+the conv trunk. ResNet's "stem" is the input of block1 (after the max-pool in the ImageNet stem) and
+"blockN" the output of stage N.
+
+`embedding_layer(name)` names the backbone's image representation, the conv trunk's output: "pool5" for
+AlexNet, "features" (the global average of block4, what the heads read) for ResNet. The kNN evaluation
+reads it and the export names it. AlexNet's fc6/fc7 belong with the heads: trained to predict the
+self-labels, they keep less of the trunk's neighbourhoods than pool5 does (README "Quality").
 
 The input size picks the variant, from the shorter side S = min(H, W):
 
@@ -62,9 +68,11 @@ import keras
 
 BACKBONES = ("alexnet_small", "alexnet", "resnet18", "resnet50")
 PROBE_LAYERS = {
-    "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5"),
     "resnet": ("stem", "block1", "block2", "block3", "block4"),
 }
+FEATURES = "features"  # the vector the heads read
+EMBEDDING_LAYERS = {"alexnet": "pool5", "resnet": FEATURES}
 IMAGENET_MIN_SIZE = 128  # shorter side from which the ImageNet variant is built
 MIN_INPUT_SIZE = 16  # the small AlexNet's conv5 map is 1x1 at 16 px
 CHANNELS = (1, 3)
@@ -90,7 +98,22 @@ def probe_layer_names(name: str) -> Tuple[str, ...]:
     ValueError: if `name` is not one of `BACKBONES`.
   """
   _check_name(name)
-  return PROBE_LAYERS["alexnet" if name.startswith("alexnet") else "resnet"]
+  return PROBE_LAYERS[_family(name)]
+
+
+def embedding_layer(name: str) -> str:
+  """The key of backbone `name`'s image representation (the conv trunk's output): "pool5" for AlexNet,
+  "features" for ResNet. The kNN evaluation reads it by default and the export names it.
+
+  Raises:
+    ValueError: if `name` is not one of `BACKBONES`.
+  """
+  _check_name(name)
+  return EMBEDDING_LAYERS[_family(name)]
+
+
+def _family(name):
+  return "alexnet" if name.startswith("alexnet") else "resnet"
 
 
 def input_variant(input_shape: Sequence[int]) -> str:
@@ -181,7 +204,8 @@ def _conv_bn(x, filters, kernel, stride, padding, name, use_bias=False, relu=Tru
 
 
 def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTensor]:
-  """Layers conv{i}_{pad,conv,bn,relu}, pool{i}, flatten, fc{6,7}_{dropout,[bn,]relu}, fc6, fc7, features."""
+  """Layers conv{i}_{pad,conv,bn,relu}, pool{i}, flatten, fc{6,7}_{dropout,[bn,]relu}, fc6, fc7, features;
+  outputs conv1..conv5, pool5 (the last max-pool's output) and features."""
   if imagenet:
     conv1 = (11, 4, 2)  # (kernel, stride, padding)
   else:
@@ -195,6 +219,7 @@ def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTen
     outputs[name] = x
     if name in _ALEXNET_POOLED:
       x = keras.layers.MaxPooling2D(3, strides=2, name=f"pool{i}")(x)
+  outputs["pool5"] = x
   # Keras flattens (h, w, c) where PyTorch flattens (c, h, w): a permutation of fc6's rows.
   x = keras.layers.Flatten(name="flatten")(x)
   for name in ("fc6", "fc7"):
@@ -205,7 +230,7 @@ def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTen
       x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=True,
                                           name=f"{name}_bn")(x)
     x = keras.layers.ReLU(name=f"{name}_relu")(x)
-  outputs["features"] = keras.layers.Activation("linear", dtype="float32", name="features")(x)
+  outputs[FEATURES] = keras.layers.Activation("linear", dtype="float32", name=FEATURES)(x)
   return outputs
 
 
@@ -229,7 +254,7 @@ def _resnet(images, units, bottleneck, imagenet) -> Dict[str, keras.KerasTensor]
       x = unit(x, width, 2 if stage > 1 and u == 1 else 1, f"block{stage}_unit{u}")
     outputs[f"block{stage}"] = x
   # Averaged in float32: the input is cast up before the sum.
-  outputs["features"] = keras.layers.GlobalAveragePooling2D(dtype="float32", name="features")(x)
+  outputs[FEATURES] = keras.layers.GlobalAveragePooling2D(dtype="float32", name=FEATURES)(x)
   return outputs
 
 
