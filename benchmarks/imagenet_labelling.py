@@ -52,7 +52,8 @@ def define_flags():
 _CLASSES = 1000
 
 
-def peak_rss_gb():
+def peak_rss_gib():
+  """Peak resident set size of this process, GiB (ru_maxrss is in KiB on Linux)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -95,7 +96,7 @@ def label(heads, warm_start=None, name="cold"):
     sizes = result.cluster_sizes(0)
     print(f"  {name} head {t + 1}/{len(heads)}: {seconds:.1f} s, {int(result.iterations[0])} iterations, "
           f"marginal error {result.marginal_error[0]:.3g}, cluster sizes {sizes.min()}..{sizes.max()}, "
-          f"peak RSS so far {peak_rss_gb():.1f} GB", flush=True)
+          f"peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
     results.append(result)
   print(f"{name}: all {len(heads)} heads in {total:.1f} s ({total / 60:.1f} min)", flush=True)
   return results
@@ -107,7 +108,7 @@ def run_full():
   features, kernels, biases, _ = simulate(f.num_examples, f.feature_dim, f.num_clusters, f.num_heads,
                                           f.feature_dtype, f.seed)
   print(f"simulated features {features.shape} {f.feature_dtype} ({features.nbytes / 1e9:.1f} GB) in "
-        f"{time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gb():.1f} GB", flush=True)
+        f"{time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
   heads = label_store.LinearHeads(features, kernels, biases, matmul_dtype=f.matmul_dtype)
   print(f"mean max-probability (first 65536 examples, head 1): {mean_max_prob(heads[0]):.3f}")
   formula = label_store.store_bytes(f.num_examples, [f.num_clusters] * f.num_heads, f.feature_dim,
@@ -123,7 +124,8 @@ def run_full():
     warm = label(moved, [r.log_row_scale[0] for r in cold], name="warm")
     changed = np.mean([np.mean(w.labels[0] != c.labels[0]) for w, c in zip(warm, cold)])
     print(f"warm: labels changed by the perturbation {changed:.3f}")
-  print(f"peak RSS of the whole run: {peak_rss_gb():.1f} GB (budget 20 GB); CPU threads "
+  print(f"peak RSS of the whole run: {peak_rss_gib():.1f} GiB = {peak_rss_gib() * 2**30 / 1e9:.1f} GB "
+        f"(budget 20 GB); CPU threads "
         f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}", flush=True)
 
 

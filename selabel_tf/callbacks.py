@@ -94,8 +94,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
       large K, e.g. ImageNet's 3000 x 10; see `selabel_tf.label_store`). "features" needs a model
       with `features(images)` and `linear_heads()` (as `SelaModel`) and `num_passes=1`.
     feature_dtype: dtype of the stored features with label_store="features".
-    matmul_dtype: dtype of the heads' product with label_store="features" ("bfloat16" is fast on
-      hardware with bfloat16 units and rounds the logits to bfloat16).
+    matmul_dtype: dtype of the inputs of the heads' product with label_store="features" ("bfloat16":
+      accumulated in float32, fast on hardware with bfloat16 units).
     label_sharding: "auto", "gathered" or "sharded" (see `LABEL_SHARDING`; the K-means labeller and
       balance="exact" always gather).
     log_dir: TensorBoard directory for the labelling metrics (None: Keras logs and the console only).

@@ -27,22 +27,26 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 DEFAULT_ROWS_PER_READ = 8192
 
 
-@tf.function(jit_compile=True)
-def _candidate_logits(features, kernel, bias, clusters):
-  """features [n, D] . kernel[:, clusters[n, j]] + bias: [n, m] float32."""
-  columns = tf.gather(tf.transpose(kernel), clusters)  # [n, m, D]
-  return tf.einsum("nd,nmd->nm", features, columns) + tf.gather(bias, clusters)
-
-
 def _head_log_probs(features, kernel, bias, compute_probe):
-  """log_softmax(features @ kernel + bias) in float32, the product in the probe's dtype.
+  """log_softmax(features @ kernel + bias) in float32, the product's inputs in the probe's dtype.
 
-  The product is TF's own matmul (not XLA's: on CPU TF's runs bfloat16 on the bfloat16 units, where
-  XLA's dot was measured 3-5x slower); the softmax is XLA-fused.
+  float32: TF's own matmul (oneDNN on CPU), then an XLA-fused softmax. bfloat16: the inputs rounded to
+  bfloat16, the products accumulated and returned in float32, softmax fused, all in one XLA function:
+  XLA's dot with a float32 result (`output_type`) runs on the bfloat16 units of CPUs, GPUs and TPUs,
+  where TF's own bfloat16 matmul would round every logit to bfloat16 (8 significant bits: at |logit|
+  ~ 10 and lambda 25 an error of ~1 in the exponent of the kernel; measured: fewer labels agree with a
+  float32 reference, benchmarks/imagenet_labelling.py).
   """
-  dtype = compute_probe.dtype
-  logits = tf.matmul(tf.cast(features, dtype), tf.cast(kernel, dtype))
-  return _log_softmax_with_bias(logits, bias)
+  if compute_probe.dtype == tf.bfloat16:
+    return _bfloat16_log_probs(features, kernel, bias)
+  return _log_softmax_with_bias(tf.matmul(tf.cast(features, tf.float32), kernel), bias)
+
+
+@tf.function(jit_compile=True)
+def _bfloat16_log_probs(features, kernel, bias):
+  logits = tf.linalg.matmul(tf.cast(features, tf.bfloat16), tf.cast(kernel, tf.bfloat16),
+                            output_type=tf.float32)
+  return tf.nn.log_softmax(logits + bias[None, :], axis=1)
 
 
 @tf.function(jit_compile=True)
@@ -56,8 +60,9 @@ class LinearHeadLogProbs:
   Args:
     features: [N, D] (numpy, any float dtype including bfloat16; or a tensor).
     kernel: [D, K], bias: [K]: the head's weights.
-    matmul_dtype: "float32" (exact given the stored features) or "bfloat16" (the product in
-      bfloat16, as fast as the hardware's bfloat16 matmul; the logits are then rounded to bfloat16).
+    matmul_dtype: "float32" (exact given the stored features) or "bfloat16" (the kernel rounded to
+      bfloat16 and the product accumulated in float32, on the hardware's bfloat16 units; the logits
+      keep float32's precision given the rounded inputs).
     rows_per_read: the labeller reads at most this many rows at a time.
 
   `head[start:stop]` is a float32 tensor [stop - start, K]; `.shape` is (N, K).
@@ -79,8 +84,6 @@ class LinearHeadLogProbs:
     self.shape = (int(features.shape[0]), int(self.kernel.shape[1]))
     self.rows_per_read = int(rows_per_read)
     self._probe = tf.zeros([], matmul_dtype)
-    # A narrow product's labels are re-scored with `exact_logits` (see `solvers.LocalHeadSolver`).
-    self.rescore_labels = matmul_dtype != "float32"
     # The features' non-finite count, shared by the heads of one `LinearHeads` (counted once).
     self._feature_check = feature_check if feature_check is not None else {}
 
@@ -104,17 +107,6 @@ class LinearHeadLogProbs:
     weights = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(self.kernel), tf.int64))
                   + tf.reduce_sum(tf.cast(~tf.math.is_finite(self.bias), tf.int64)))
     return self._feature_check["count"] + weights
-
-  def exact_logits(self, start: int, stop: int, clusters) -> tf.Tensor:
-    """float32 [stop - start, m]: the logits of examples [start, stop) for their `clusters` (int
-    [stop - start, m]), in float32 from the stored features (with `rescore_labels`, the labeller
-    re-scores its labels with these)."""
-    parts = []
-    for s in range(start, stop, 1024):
-      e = min(s + 1024, stop)
-      features = tf.cast(tf.convert_to_tensor(self.features[s:e]), tf.float32)
-      parts.append(_candidate_logits(features, self.kernel, self.bias, clusters[s - start:e - start]))
-    return tf.concat(parts, 0)
 
   def label_log_probs(self, labels: np.ndarray) -> np.ndarray:
     """float32 [N], each example's log-probability of its label, read part by part."""

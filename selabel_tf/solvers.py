@@ -382,20 +382,7 @@ class LocalHeadSolver(HeadSolver):
     return col_scale.numpy()
 
   def argmax_labels(self, row_scale):
-    if not getattr(self.head, "rescore_labels", False):
-      return sinkhorn.argmax_labels(self.power, row_scale).numpy()
-    # A head computed in a narrow dtype (label_store's bfloat16 matmul) re-scores the kernel's best
-    # few clusters per example with its float32 logits: argmax_k Q[n, k] = argmax_k (log alpha_k +
-    # lam * logit[n, k]) up to per-example constants, so only the candidates' exact logits are needed.
-    log_alpha = tf.constant(np.log(row_scale.numpy().astype(np.float64)) - self.row_offset, tf.float32)
-    m = min(_CANDIDATES, self.num_clusters)
-    labels = []
-    for chunk, start, stop in zip(self.power, self.bounds[:-1], self.bounds[1:]):
-      candidates = sinkhorn.top_clusters(chunk, row_scale, m)
-      logits = self.head.exact_logits(start, stop, candidates)
-      scores = tf.gather(log_alpha, candidates) + self.lam_value * logits
-      labels.append(tf.gather(candidates, tf.argmax(scores, axis=1), batch_dims=1).numpy())
-    return np.concatenate(labels).astype(np.int64)
+    return sinkhorn.argmax_labels(self.power, row_scale).numpy()
 
   def sample_labels(self, row_scale, seed):
     return sinkhorn.sample_labels(self.power, row_scale, seed).numpy()

@@ -150,8 +150,9 @@ class TrainConfig:
   label_feature_dtype: str = option("bfloat16", "--label_store=features: dtype of the stored features.",
                                     choices=label_store_lib.FEATURE_DTYPES, group=_LABELLING)
   label_matmul_dtype: str = option(
-      "float32", "--label_store=features: dtype of the heads' product (bfloat16: fast where the hardware "
-      "has bfloat16 units; the logits are rounded to bfloat16).", choices=label_store_lib.MATMUL_DTYPES,
+      "float32", "--label_store=features: dtype of the inputs of the heads' product (bfloat16: the kernel "
+      "rounded to bfloat16, accumulated in float32; fast where the hardware has bfloat16 units).",
+      choices=label_store_lib.MATMUL_DTYPES,
       group=_LABELLING)
   label_sharding: str = option(
       "auto", "Where the labelling holds the label pass: gathered (all N on every worker), sharded (each "

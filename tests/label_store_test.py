@@ -46,6 +46,24 @@ def test_bfloat16_features_and_matmul_stay_close_to_the_reference():
   assert error.max() < 0.15 and error.mean() < 0.02, (error.max(), error.mean())
 
 
+def test_bfloat16_product_accumulates_and_returns_float32():
+  """The bfloat16 product rounds its inputs only: against float64 on the same rounded inputs it is
+  float32-close (a bfloat16 result would be off by up to 2^-9 |logit|, ~0.01 here)."""
+  features, kernels, biases = _features_and_heads()
+  bf16 = tf.bfloat16.as_numpy_dtype
+  narrow = features.astype(bf16)
+  heads = label_store.LinearHeads(narrow, kernels, biases, matmul_dtype="bfloat16")
+  for t in range(2):
+    rounded_kernel = kernels[t].astype(np.float32).astype(bf16).astype(np.float64)
+    expected = _reference_log_probs(narrow.astype(np.float64), rounded_kernel, biases[t])
+    got = heads[t][0:3000].numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+    per_replica = label_store.per_replica_log_probs(tf.distribute.get_strategy(), tf.constant(narrow),
+                                                    kernels[t], biases[t], matmul_dtype="bfloat16")
+    np.testing.assert_allclose(per_replica.numpy(), expected, atol=2e-5, rtol=0)
+
+
 def test_labels_from_features_equal_labels_from_the_stored_log_probs_when_re_read():
   """A float16 kernel is rebuilt from the head at every re-centring: read in parts or whole, the
   same numbers, so the same labels and iterations."""
