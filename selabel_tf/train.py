@@ -243,7 +243,8 @@ class TrainConfig:
       if not ok:
         raise ConfigError(message)
     layers = probes_lib.default_layers(self.architecture)
-    for flag, names in (("probe_layers", self.probe_layers), ("knn_layer", (self.knn_layer,) if self.knn_layer else ())):
+    knn_layers = (self.knn_layer,) if self.knn_layer else ()  # empty: the backbone's embedding
+    for flag, names in (("probe_layers", self.probe_layers), ("knn_layer", knn_layers)):
       unknown = [name for name in names if name not in layers]
       if unknown:
         raise ConfigError(f"--{flag}={','.join(names)}: {', '.join(unknown)} is not a layer of "
