@@ -94,9 +94,8 @@ def export_model(model, export_dir: str, transform: augment.AugmentConfig, *,
     raise ValueError(f"the transform makes {transform.image_size} px images with {transform.channels} "
                      f"channels, the model takes {size} px with {channels}")
   embedding = backbones.embedding_layer(model.architecture)
-  layers = tuple(layer for layer in dict.fromkeys((*(probe_layers or probes_lib.default_layers(model.architecture)),
-                                                   embedding))
-                 if layer != probes_lib.FEATURES)
+  chosen = (*(probe_layers or probes_lib.default_layers(model.architecture)), embedding)
+  layers = tuple(layer for layer in dict.fromkeys(chosen) if layer != probes_lib.FEATURES)
   pooling = probes_lib.activation_pooling(model.backbone, layers)
   spec = tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")
 

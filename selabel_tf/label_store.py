@@ -27,17 +27,17 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 DEFAULT_ROWS_PER_READ = 8192
 
 
-def _head_log_probs(features, kernel, bias, compute_probe):
-  """log_softmax(features @ kernel + bias) in float32, the product's inputs in the probe's dtype.
+def _head_log_probs(features, kernel, bias, matmul_dtype):
+  """log_softmax(features @ kernel + bias) in float32, the product's inputs in `matmul_dtype`.
 
   float32: TF's own matmul (oneDNN on CPU), then an XLA-fused softmax. bfloat16: the inputs rounded to
   bfloat16, the products accumulated and returned in float32, softmax fused, all in one XLA function:
-  XLA's dot with a float32 result (`output_type`) runs on the bfloat16 units of CPUs, GPUs and TPUs,
-  where TF's own bfloat16 matmul would round every logit to bfloat16 (8 significant bits: at |logit|
-  ~ 10 and lambda 25 an error of ~1 in the exponent of the kernel; measured: fewer labels agree with a
+  XLA's dot with a float32 result (`output_type`; faster than float32 on an AMD EPYC with AVX512_BF16,
+  README "Scale"). TF's own bfloat16 matmul would round every logit to bfloat16 (8 significant bits: at
+  |logit| ~ 10 and lambda 25 an error of ~1 in the exponent of the kernel; fewer labels agree with a
   float32 reference, benchmarks/imagenet_labelling.py).
   """
-  if compute_probe.dtype == tf.bfloat16:
+  if matmul_dtype == "bfloat16":
     return _bfloat16_log_probs(features, kernel, bias)
   return _log_softmax_with_bias(tf.matmul(tf.cast(features, tf.float32), kernel), bias)
 
@@ -83,7 +83,7 @@ class LinearHeadLogProbs:
                        f"K={self.kernel.shape[1]}")
     self.shape = (int(features.shape[0]), int(self.kernel.shape[1]))
     self.rows_per_read = int(rows_per_read)
-    self._probe = tf.zeros([], matmul_dtype)
+    self.matmul_dtype = matmul_dtype
     # The features' non-finite count, shared by the heads of one `LinearHeads` (counted once).
     self._feature_check = feature_check if feature_check is not None else {}
 
@@ -94,7 +94,7 @@ class LinearHeadLogProbs:
     if step != 1:
       raise ValueError("LinearHeadLogProbs: only contiguous row slices")
     return _head_log_probs(tf.convert_to_tensor(self.features[start:stop]), self.kernel, self.bias,
-                           self._probe)
+                           self.matmul_dtype)
 
   def nonfinite_inputs(self) -> int:
     """NaN/inf entries among the features (counted once per feature array) and this head's weights."""
@@ -165,8 +165,7 @@ def per_replica_log_probs(strategy: tf.distribute.Strategy, per_replica_features
     raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
   kernel = tf.convert_to_tensor(kernel, tf.float32)
   bias = tf.convert_to_tensor(bias, tf.float32)
-  probe = tf.zeros([], matmul_dtype)
-  return strategy.run(lambda f: _head_log_probs(f, kernel, bias, probe), args=(per_replica_features,))
+  return strategy.run(lambda f: _head_log_probs(f, kernel, bias, matmul_dtype), args=(per_replica_features,))
 
 
 def store_bytes(num_examples: int, num_clusters: Sequence[int], feature_dim: int, store: str,
