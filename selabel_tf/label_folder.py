@@ -6,8 +6,8 @@ Two ways, both ending in K clusters per head for every image of the folder:
   directory at `out/run`, exported as a SavedModel at `out/model` for assigning new images later). The
   clusters are the run's final self-labels; an image's confidence is the trained head's probability of
   its cluster.
-* from an export (`from_export=DIR`, fast): the export's frozen `features` (or another pooled layer) of
-  every image, then new linear heads fitted by SeLa on them: K-means starts the labels, then `rounds`
+* from an export (`from_export=DIR`, fast): the export's frozen embedding (its metadata's "embedding":
+  AlexNet's pool5, a ResNet's features; or another output of its features signature) of every image, then new linear heads fitted by SeLa on them: K-means starts the labels, then `rounds`
   times a few epochs of cross-entropy on the labels and a Sinkhorn-Knopp labelling of the heads'
   log-probabilities (the same labeller as training). The confidence is the fitted head's probability.
 
@@ -54,6 +54,7 @@ class FolderLabels:
     num_clusters: K per head.
     skipped: (path, reason) of the files left out.
     method: "sela" (from scratch) or "export_features".
+    layer: the export's features-signature output that was clustered (None from scratch).
   """
   files: Tuple[str, ...]
   images: np.ndarray
@@ -62,6 +63,7 @@ class FolderLabels:
   num_clusters: Tuple[int, ...]
   skipped: tuple
   method: str
+  layer: Optional[str] = None
 
 
 def export_outputs(export_dir: str, images: np.ndarray, signature: str, *, batch_size: int = 256,
@@ -136,13 +138,15 @@ def fit_heads(features: np.ndarray, num_clusters: Sequence[int], *, lam: float =
 
 
 def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] = (10,),
-                 from_export: Optional[str] = None, layer: str = "features",
+                 from_export: Optional[str] = None, layer: Optional[str] = None,
                  image_size: Optional[int] = None, channels: Optional[int] = None,
                  skip_bad_images: bool = False, epochs: int = 20, architecture: str = "alexnet_small",
                  batch_size: int = 64, lam: float = 10.0, rounds: int = 10, seed: int = 0,
                  verbose: int = 1) -> FolderLabels:
   """Clusters every image under `images_dir` (see the module docstring); `out_dir` receives the run
-  directory and its export (from scratch). The report is written by `write_report`.
+  directory and its export (from scratch). The report is written by `write_report`. `layer` (with
+  `from_export`) is the features-signature output to cluster; None means the export's embedding (an
+  export written before exports named one: its "features").
 
   Raises:
     train.ConfigError: a folder that cannot be loaded (bad files, mixed sizes, ...) or an option that
@@ -171,6 +175,7 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
     metadata = export.load_metadata(from_export)
     image_size = image_size or metadata["input"]["resize_size"] or metadata["input"]["image_size"]
     channels = channels or metadata["input"]["channels"]
+    layer = layer or metadata.get("embedding", "features")
     if layer not in metadata["signatures"]["features"]:
       raise train.ConfigError(f"--layer={layer}: the export's features signature has "
                               f"{', '.join(metadata['signatures']['features'])}")
@@ -187,12 +192,12 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
       raise train.ConfigError(f"--clusters={','.join(map(str, num_clusters))}: head {t} has K={k}; need "
                               f"1 < K < the {num_examples} images of --images={images_dir}")
   logger.info("labelling %d images of %s into %s clusters (%s)", num_examples, images_dir,
-              ",".join(map(str, num_clusters)), "features of " + from_export if from_export else "SeLa from scratch")
+              ",".join(map(str, num_clusters)), f"{layer} of {from_export}" if from_export else "SeLa from scratch")
   if from_export is not None:
     features = export_outputs(from_export, folder.images, "features", verbose=verbose)[layer]
     labels, confidence = fit_heads(features, num_clusters, lam=lam, rounds=rounds, seed=seed, verbose=verbose)
     return FolderLabels(folder.files, folder.images, labels, confidence, num_clusters, folder.skipped,
-                        "export_features")
+                        "export_features", layer)
   from selabel_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from selabel_tf.data import sources  # pylint: disable=g-import-not-at-top
   config = dataclasses.replace(config, batch_size=min(batch_size, num_examples))
@@ -220,7 +225,8 @@ def clusters_csv(result: FolderLabels) -> str:
 
 def summary(result: FolderLabels) -> str:
   """A short text summary: counts, cluster sizes per head, skipped files."""
-  lines = [f"{len(result.files)} images, {len(result.skipped)} skipped; method: {result.method}"]
+  method = result.method + (f" ({result.layer})" if result.layer else "")
+  lines = [f"{len(result.files)} images, {len(result.skipped)} skipped; method: {method}"]
   for t, k in enumerate(result.num_clusters):
     sizes = np.bincount(result.labels[t], minlength=k)
     lines.append(f"head {t}: {k} clusters, sizes {sizes.min()}..{sizes.max()} (smallest cluster "

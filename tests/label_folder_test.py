@@ -108,7 +108,8 @@ def test_from_export_fits_heads_on_the_exports_features(folder, from_scratch, tm
   assert rows[0] == ["path", "head_0", "confidence_0"] and len(rows) == _NUM_IMAGES + 1
   labels = np.array([int(r[1]) for r in rows[1:]])
   assert set(labels.tolist()) <= set(range(5))
-  assert "method: export_features" in result.stdout
+  # Without --layer it clusters the export's embedding (alexnet_small: pool5), not fc7.
+  assert "method: export_features (pool5)" in result.stdout
   assert len(os.listdir(tmp_path / "out" / label_folder.SHEETS_DIR)) == 5
   assert not (tmp_path / "out" / "run").exists()  # nothing trained
 
