@@ -297,16 +297,28 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 BEFORE_THEIR_FLAG = {"fc_batchnorm": False}
 
 
+# What a resumed run may change: how it is evaluated and where it exports; the training state does not
+# depend on these.
+MAY_CHANGE_ON_RESUME = frozenset(
+    ["overwrite", "export_dir"] +
+    [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == _EVALUATION])
+
+
 def prepare_run_dir(config: TrainConfig):
-  """Creates run_dir, or checks that an existing one was written by the same configuration."""
+  """Creates run_dir, or checks that an existing one was written by the same configuration (apart from
+  MAY_CHANGE_ON_RESUME, whose new values config.json then records)."""
   path = os.path.join(config.run_dir, "config.json")
   if tf.io.gfile.exists(path) and not config.overwrite:
     # A key an older version did not write holds its default, or its value then (BEFORE_THEIR_FLAG).
     previous = {**json.loads(TrainConfig().to_json()), **BEFORE_THEIR_FLAG,
                 **json.loads(files.read_text(path))}
     current = json.loads(config.to_json())
-    differing = sorted(k for k in set(previous) | set(current)
-                       if k not in ("overwrite", "export_dir") and previous.get(k) != current.get(k))
+    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    differing = [k for k in changed if k not in MAY_CHANGE_ON_RESUME]
+    evaluation = [k for k in changed if k in MAY_CHANGE_ON_RESUME and k != "overwrite"]
+    if evaluation:
+      logger.info("%s: evaluation/export options changed since the run began: %s", config.run_dir,
+                   ", ".join(f"--{k}={previous.get(k)!r} -> {current.get(k)!r}" for k in evaluation))
     if differing:
       raise ConfigError(f"--run_dir={config.run_dir} holds a run with another configuration (differs in "
                         f"{', '.join('--' + k for k in differing)}); pass --overwrite or another --run_dir")

@@ -240,6 +240,25 @@ def test_cli_refuses_a_run_dir_of_another_config(tiny_npz, tmp_path):
     assert json.load(f)["lam"] == 10.0  # the earlier run's files are intact
 
 
+def test_a_resumed_run_may_change_only_its_evaluation_and_export(tiny_npz, tmp_path):
+  """Evaluation options (e.g. the kNN layer, whose default changed from features to the embedding) may
+  differ when a run is resumed, and config.json then records them; a training option may not."""
+  run_dir = str(tmp_path / "run")
+  base = train.TrainConfig(dataset=tiny_npz, run_dir=run_dir, heads="4", batch_size=16, knn_layer="features")
+  train.prepare_run_dir(base)
+  resumed = train.TrainConfig(dataset=tiny_npz, run_dir=run_dir, heads="4", batch_size=16, probe_epochs=3,
+                              export_dir=str(tmp_path / "export"))
+  train.prepare_run_dir(resumed)
+  with open(os.path.join(run_dir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["knn_layer"] == "" and recorded["probe_epochs"] == 3
+  assert {"knn_layer", "probe_epochs", "eval_every_epochs", "export_dir"} <= train.MAY_CHANGE_ON_RESUME
+  assert not {"lam", "heads", "epochs", "batch_size", "seed", "dataset"} & train.MAY_CHANGE_ON_RESUME
+  with pytest.raises(train.ConfigError, match=r"differs in --epochs\)"):
+    train.prepare_run_dir(train.TrainConfig(dataset=tiny_npz, run_dir=run_dir, heads="4", batch_size=16,
+                                            epochs=7, knn_layer="features"))
+
+
 @pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "configs"))))
 def test_every_config_passes_validation(config, tmp_path):
   """Each shipped flagfile holds only known flags and allowed values: the run gets as far as loading
