@@ -7,9 +7,10 @@ Two ways, both ending in K clusters per head for every image of the folder:
   clusters are the run's final self-labels; an image's confidence is the trained head's probability of
   its cluster.
 * from an export (`from_export=DIR`, fast): the export's frozen embedding (its metadata's "embedding":
-  AlexNet's pool5, a ResNet's features; or another output of its features signature) of every image, then new linear heads fitted by SeLa on them: K-means starts the labels, then `rounds`
-  times a few epochs of cross-entropy on the labels and a Sinkhorn-Knopp labelling of the heads'
-  log-probabilities (the same labeller as training). The confidence is the fitted head's probability.
+  AlexNet's pool5, a ResNet's features; or another output of its features signature) of every image,
+  then new linear heads fitted by SeLa on them: K-means starts the labels, then `rounds` times a few
+  epochs of cross-entropy on the labels and a Sinkhorn-Knopp labelling of the heads' log-probabilities
+  (the same labeller as training). The confidence is the fitted head's probability.
 
 `write_report(result, out)` writes, each file atomically:
 
@@ -192,7 +193,8 @@ def label_folder(images_dir: str, out_dir: str, *, num_clusters: Sequence[int] =
       raise train.ConfigError(f"--clusters={','.join(map(str, num_clusters))}: head {t} has K={k}; need "
                               f"1 < K < the {num_examples} images of --images={images_dir}")
   logger.info("labelling %d images of %s into %s clusters (%s)", num_examples, images_dir,
-              ",".join(map(str, num_clusters)), f"{layer} of {from_export}" if from_export else "SeLa from scratch")
+              ",".join(map(str, num_clusters)),
+              f"{layer} of {from_export}" if from_export else "SeLa from scratch")
   if from_export is not None:
     features = export_outputs(from_export, folder.images, "features", verbose=verbose)[layer]
     labels, confidence = fit_heads(features, num_clusters, lam=lam, rounds=rounds, seed=seed, verbose=verbose)
