@@ -31,8 +31,10 @@ import tensorflow as tf
 # Blocks of about this many bytes stay in a core's L2 cache between the two half-steps of an iteration.
 _CPU_BLOCK_BYTES = 1 << 20
 # P^lam is held as a tuple of row chunks of at most this size: it is built chunk by chunk without a
-# second full-size copy, and on CPU the chunks are the units that run in parallel.
-_CHUNK_BYTES = 1 << 28
+# second full-size copy, and on CPU the chunks are the units that run in parallel. A chunk's widened
+# (compute-dtype) copy and its rebuilt twin are the labelling's transients beside the kernel, so the
+# chunks are kept small (64 MiB: README "Scale" measures the peak and time against 256 MiB).
+_CHUNK_BYTES = 1 << 26
 
 
 def plan_chunks(num_examples, num_clusters, storage_dtype, device_type):
