@@ -318,7 +318,7 @@ def prepare_run_dir(config: TrainConfig):
     evaluation = [k for k in changed if k in MAY_CHANGE_ON_RESUME and k != "overwrite"]
     if evaluation:
       logger.info("%s: evaluation/export options changed since the run began: %s", config.run_dir,
-                   ", ".join(f"--{k}={previous.get(k)!r} -> {current.get(k)!r}" for k in evaluation))
+                  ", ".join(f"--{k}={previous.get(k)!r} -> {current.get(k)!r}" for k in evaluation))
     if differing:
       raise ConfigError(f"--run_dir={config.run_dir} holds a run with another configuration (differs in "
                         f"{', '.join('--' + k for k in differing)}); pass --overwrite or another --run_dir")
