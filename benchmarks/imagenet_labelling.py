@@ -50,6 +50,9 @@ def define_flags():
 
 
 _CLASSES = 1000
+# Rows simulated at a time. TF's CPU allocator keeps what it freed for reuse, so the simulation's float32
+# temporaries (a few of [rows, D]) stay in the process's RSS beside the labelling: kept small.
+_SIMULATION_ROWS = 2048
 
 
 def peak_rss_gib():
@@ -64,7 +67,7 @@ def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed):
   classes = rng.integers(0, _CLASSES, num_examples)
   dtype = tf.as_dtype(feature_dtype)
   features = np.empty((num_examples, dim), dtype.as_numpy_dtype)
-  step = 16384
+  step = _SIMULATION_ROWS
   for start in range(0, num_examples, step):
     stop = min(start + step, num_examples)
     noise = tf.random.stateless_normal([stop - start, dim], seed=[seed, start])
@@ -79,8 +82,13 @@ def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed):
   return features, kernels, biases, classes
 
 
-def mean_max_prob(head, rows=65536):
-  return float(tf.reduce_mean(tf.exp(tf.reduce_max(head[0:min(rows, head.shape[0])], axis=1))))
+def mean_max_prob(head, rows=65536, part=2048):
+  """The mean over the first `rows` examples of a head's largest probability, read `part` rows at a time
+  (a larger read would leave its transients in the allocator's pool, see `_SIMULATION_ROWS`)."""
+  rows = min(rows, head.shape[0])
+  total = sum(float(tf.reduce_sum(tf.exp(tf.reduce_max(head[start:min(start + part, rows)], axis=1))))
+              for start in range(0, rows, part))
+  return total / rows
 
 
 def label(heads, warm_start=None, name="cold"):
