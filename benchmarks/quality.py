@@ -39,7 +39,7 @@ ROWS = ("sela", "kmeans", "supervised", "random_init", "pixels")
 _TRAIN_FLAGS = {"sela": [], "kmeans": ["--labeller=kmeans"], "supervised": ["--supervised"]}
 
 flags.DEFINE_string("flagfile_under_test", "configs/fashion_mnist_table8.cfg",
-                    "The bin/train flagfile of every run (default: Table 8 at <= 3 supervised-epoch units per run).")
+                    "The bin/train flagfile of every run (default: Table 8 at <= 3 units per run).")
 flags.DEFINE_list("imbalance", ["none", "light", "heavy"], "Train sets: none (full), light, heavy.")
 flags.DEFINE_list("rows", list(ROWS), f"Which of {ROWS} to run.")
 flags.DEFINE_multi_string("extra", [], "An extra bin/train flag for every run (repeat for more).")
