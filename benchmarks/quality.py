@@ -21,6 +21,8 @@ A quick screen of a recipe on a subset (a proxy: other numbers, same ranking so 
       --extra=--train_subset=10000 --extra=--probe_epochs=5 --out_dir=runs/quality_proxy
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -120,28 +122,23 @@ def pixels_row(imbalance):
   return metrics
 
 
-def _config_of(imbalance):
+def config_of(flagfile, extra, imbalance, seed):
+  """The `TrainConfig` that `bin/train --flagfile=<flagfile> <extra...>` runs for `imbalance` and `seed`:
+  parsed by absl from the train program's own flag definitions (`cli.define_flags`), so that nested
+  `--flagfile=` lines are followed as bin/train follows them (relative paths from the working directory,
+  as there)."""
+  from selabel_tf import cli  # pylint: disable=g-import-not-at-top
   from selabel_tf import train  # pylint: disable=g-import-not-at-top
-  values = {}
-  for line in open(os.path.join(ROOT, FLAGS.flagfile_under_test)).read().splitlines() + FLAGS.extra:
-    line = line.strip()
-    if not line.startswith("--") or "=" not in line:
-      continue
-    name, value = line[2:].split("=", 1)
-    field = train.TrainConfig.__dataclass_fields__.get(name)
-    if field is None:
-      continue
-    default = field.default if not callable(field.default_factory) else field.default_factory()
-    if isinstance(default, bool):
-      value = value.lower() in ("1", "true")
-    elif isinstance(default, int) and default is not None:
-      value = int(value)
-    elif isinstance(default, float):
-      value = float(value)
-    elif isinstance(default, tuple):
-      value = tuple(type(default[0])(v) if default else v for v in value.split(",") if v)
-    values[name] = value
-  return train.TrainConfig(**{**values, "imbalance": imbalance, "seed": FLAGS.seed})
+  flag_values = flags.FlagValues()
+  cli.define_flags(train.TrainConfig, flag_values)
+  flag_values(["train", f"--flagfile={flagfile}", *extra])
+  config = cli.config_from_flags(train.TrainConfig, flag_values)
+  return dataclasses.replace(config, imbalance=imbalance, seed=seed)
+
+
+def _config_of(imbalance):
+  with contextlib.chdir(ROOT):  # where the runs' bin/train resolves nested flagfiles
+    return config_of(FLAGS.flagfile_under_test, FLAGS.extra, imbalance, FLAGS.seed)
 
 
 def _knn_column(metrics, k):
