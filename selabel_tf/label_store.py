@@ -54,6 +54,12 @@ def _log_softmax_with_bias(logits, bias):
   return tf.nn.log_softmax(tf.cast(logits, tf.float32) + bias[None, :], axis=1)
 
 
+@tf.function(jit_compile=True)
+def _nonfinite_count(values):
+  """NaN/inf entries of `values` (int64), fused: no temporary of its size."""
+  return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(values)), tf.int64))
+
+
 class LinearHeadLogProbs:
   """One linear head's log-probabilities, computed from stored features for any row range.
 
@@ -101,11 +107,9 @@ class LinearHeadLogProbs:
     if "count" not in self._feature_check:
       count = 0
       for start in range(0, self.shape[0], self.rows_per_read):
-        part = tf.convert_to_tensor(self.features[start:start + self.rows_per_read])
-        count += int(tf.reduce_sum(tf.cast(~tf.math.is_finite(tf.cast(part, tf.float32)), tf.int64)))
+        count += int(_nonfinite_count(tf.convert_to_tensor(self.features[start:start + self.rows_per_read])))
       self._feature_check["count"] = count
-    weights = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(self.kernel), tf.int64))
-                  + tf.reduce_sum(tf.cast(~tf.math.is_finite(self.bias), tf.int64)))
+    weights = int(_nonfinite_count(self.kernel)) + int(_nonfinite_count(self.bias))
     return self._feature_check["count"] + weights
 
   def label_log_probs(self, labels: np.ndarray) -> np.ndarray:

@@ -37,12 +37,19 @@ _CPU_BLOCK_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 26
 
 
-def plan_chunks(num_examples, num_clusters, storage_dtype, device_type):
+def plan_chunks(num_examples, num_clusters, storage_dtype, device_type, rows_per_read=None):
   """How to hold and stream one head's P^lam on a device of `device_type` ('CPU', 'GPU', 'TPU').
+
+  Every chunk has the same number of rows but the last, and, where the head is read in parts of at most
+  `rows_per_read` rows, every chunk is read in equal parts. A pooling allocator (TF's on CPU and GPU)
+  then finds a rebuilt chunk room of exactly its size where a chunk or two parts were freed; with sizes
+  that differ by a row, two freed neighbours (just under twice a chunk) are taken whole by one chunk and
+  half of them wasted (measured at ImageNet's shape: README "Scale").
 
   Returns:
     bounds: python ints [0, ..., N], the row ranges of the chunks.
     block_rows: rows per block of the fused pass (>= a chunk's rows means plain matvecs).
+    part_rows: rows per part of a chunk's read (the chunk's rows when it is read whole).
   """
   itemsize = tf.as_dtype(storage_dtype).size
   num_chunks = math.ceil(num_examples * num_clusters * itemsize / _CHUNK_BYTES)
@@ -53,8 +60,13 @@ def plan_chunks(num_examples, num_clusters, storage_dtype, device_type):
   else:
     block_rows = num_examples
   num_chunks = max(1, min(num_chunks, num_examples))
-  bounds = [int(b) for b in np.linspace(0, num_examples, num_chunks + 1).round()]
-  return bounds, block_rows
+  chunk_rows = part_rows = math.ceil(num_examples / num_chunks)
+  if rows_per_read is not None:
+    parts = math.ceil(chunk_rows / max(1, int(rows_per_read)))
+    part_rows = math.ceil(chunk_rows / parts)
+    chunk_rows = part_rows * parts
+  bounds = list(range(0, num_examples, chunk_rows)) + [num_examples]
+  return bounds, block_rows, part_rows
 
 
 def _cpu_count():

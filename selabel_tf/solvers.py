@@ -233,13 +233,13 @@ class LocalHeadSolver(HeadSolver):
     self.num_examples, self.num_clusters = (int(d) for d in head.shape)
     self.dtype, self.storage_dtype = dtype, storage_dtype
     self.set_lam(lam)
-    self.bounds, self.block_rows = sinkhorn.plan_chunks(self.num_examples, self.num_clusters,
-                                                        storage_dtype, device_type)
     # A head whose rows are computed on demand (e.g. from stored features) sets `rows_per_read`: it is
     # read in parts of at most that many rows, so that only a part's log-probs exist at a time; and
     # where the kernel's dtype has float32's range, its re-centrings are derived from the kernel itself
     # (`sinkhorn.derived_kernel_chunk`) rather than computed again from the head.
     self.rows_per_read = getattr(head, "rows_per_read", None)
+    self.bounds, self.block_rows, self.part_rows = sinkhorn.plan_chunks(
+        self.num_examples, self.num_clusters, storage_dtype, device_type, self.rows_per_read)
     self.derive_recentrings = (self.rows_per_read is not None
                                and storage_dtype in ("bfloat16", "float32", "float64"))
     self._stats = None
@@ -247,11 +247,10 @@ class LocalHeadSolver(HeadSolver):
 
   def _parts(self):
     """(chunk index, start, stop, log-probs [stop - start, K] in `dtype`): each chunk of the kernel
-    whole, or in parts of at most `rows_per_read` rows."""
-    step = None if self.rows_per_read is None else max(1, int(self.rows_per_read))
+    whole, or in its equal parts of `part_rows` rows (see `sinkhorn.plan_chunks`)."""
     for c, (start, stop) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
-      for part_start in range(start, stop, step or (stop - start)):
-        part_stop = stop if step is None else min(part_start + step, stop)
+      for part_start in range(start, stop, self.part_rows):
+        part_stop = min(part_start + self.part_rows, stop)
         yield c, part_start, part_stop, tf.cast(tf.convert_to_tensor(self.head[part_start:part_stop]),
                                                 self.dtype)
 

@@ -723,3 +723,28 @@ def test_sharded_rejects_exact_balance(strategy):
   values = _distribute(strategy, [_head(num_examples=40)], (20, 20))
   with pytest.raises(ValueError, match="balance='exact' is single-device only"):
     selabel_tf.assign_labels_sharded(strategy, values, 10.0, balance="exact")
+
+
+@pytest.mark.parametrize("num_examples,num_clusters,storage,device,rows_per_read", [
+    (1_281_167, 3000, "bfloat16", "CPU", 8192),   # ImageNet's shape: 115 chunks of 2 parts
+    (1_281_167, 3000, "float32", "GPU", 8192),
+    (100_003, 64, "float32", "CPU", None),
+    (100_003, 64, "float16", "CPU", 1000),
+    (7, 3, "float32", "CPU", 2),
+])
+def test_plan_chunks_gives_equal_chunks_read_in_equal_parts(num_examples, num_clusters, storage, device,
+                                                            rows_per_read):
+  """Every chunk but the last has the same rows, and every chunk is read in parts of the same rows (but
+  the last chunk's last part), at most rows_per_read: a freed chunk's or part's room fits the next one."""
+  bounds, _, part_rows = selabel_tf.sinkhorn.plan_chunks(num_examples, num_clusters, storage, device,
+                                                         rows_per_read)
+  sizes = np.diff(bounds)
+  assert bounds[0] == 0 and bounds[-1] == num_examples and (sizes > 0).all()
+  assert len(set(sizes[:-1].tolist())) <= 1 and sizes[-1] <= sizes[0]
+  assert all(size % part_rows == 0 for size in sizes[:-1]) and part_rows <= sizes[0]
+  if rows_per_read is None:
+    assert part_rows == sizes[0]
+  else:
+    assert part_rows <= rows_per_read
+  itemsize = np.dtype(storage).itemsize
+  assert sizes[0] * num_clusters * itemsize <= selabel_tf.sinkhorn._CHUNK_BYTES + part_rows * num_clusters * itemsize
