@@ -128,7 +128,7 @@ class LinearHeads(Sequence):
 
   Attributes:
     features: [N, D], the label pass's "features" vector of every example.
-    kernels: T arrays [D, K_t]; biases: T arrays [K_t].
+    kernels: T arrays [D, K_t]; biases: T arrays [K_t] (kept as the heads' float32 tensors).
     matmul_dtype, rows_per_read: as in `LinearHeadLogProbs`.
   """
   features: object
@@ -145,6 +145,9 @@ class LinearHeads(Sequence):
     self._heads = [LinearHeadLogProbs(self.features, k, b, matmul_dtype=self.matmul_dtype,
                                       rows_per_read=self.rows_per_read, feature_check=feature_check)
                    for k, b in zip(self.kernels, self.biases)]
+    # The heads' float32 tensors, not the arrays given (numpy ones would be a second copy of the weights).
+    self.kernels = [head.kernel for head in self._heads]
+    self.biases = [head.bias for head in self._heads]
 
   def __len__(self):
     return len(self._heads)

@@ -130,3 +130,19 @@ def test_a_computed_head_whose_cluster_underflows_builds_from_its_statistics():
   result = selabel_tf.assign_labels(heads, 25.0, tol=1e-2, storage_dtype="bfloat16", anneal=False)
   assert np.all(result.converged)
   assert result.cluster_sizes(0).min() >= 3000 // 6 * 0.9
+
+
+def test_linear_heads_hold_each_head_s_weights_once():
+  """Given numpy weights, the heads keep float32 tensors and not the arrays as well; given float32 tensors,
+  they keep those very tensors (no copy): the weights of T heads are held once."""
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(20, 6)).astype(np.float32)
+  arrays = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2)]
+  heads = label_store.LinearHeads(features, arrays, [np.zeros(4, np.float32)] * 2)
+  assert all(isinstance(k, tf.Tensor) and k is heads[t].kernel for t, k in enumerate(heads.kernels))
+  assert all(isinstance(b, tf.Tensor) and b is heads[t].bias for t, b in enumerate(heads.biases))
+  tensors = [tf.constant(a) for a in arrays]
+  biases = [tf.zeros([4])] * 2
+  heads = label_store.LinearHeads(features, tensors, biases)
+  assert all(heads[t].kernel is tensors[t] and heads.kernels[t] is tensors[t] for t in range(2))
+  np.testing.assert_array_equal(heads[1][0:20].numpy(), label_store.LinearHeads(features, arrays, biases)[1][0:20].numpy())
