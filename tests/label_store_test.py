@@ -145,4 +145,5 @@ def test_linear_heads_hold_each_head_s_weights_once():
   biases = [tf.zeros([4])] * 2
   heads = label_store.LinearHeads(features, tensors, biases)
   assert all(heads[t].kernel is tensors[t] and heads.kernels[t] is tensors[t] for t in range(2))
-  np.testing.assert_array_equal(heads[1][0:20].numpy(), label_store.LinearHeads(features, arrays, biases)[1][0:20].numpy())
+  from_arrays = label_store.LinearHeads(features, arrays, biases)
+  np.testing.assert_array_equal(heads[1][0:20].numpy(), from_arrays[1][0:20].numpy())

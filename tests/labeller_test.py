@@ -747,4 +747,5 @@ def test_plan_chunks_gives_equal_chunks_read_in_equal_parts(num_examples, num_cl
   else:
     assert part_rows <= rows_per_read
   itemsize = np.dtype(storage).itemsize
-  assert sizes[0] * num_clusters * itemsize <= selabel_tf.sinkhorn._CHUNK_BYTES + part_rows * num_clusters * itemsize
+  row_bytes = num_clusters * itemsize
+  assert sizes[0] * row_bytes <= selabel_tf.sinkhorn._CHUNK_BYTES + part_rows * row_bytes
