@@ -16,6 +16,7 @@ max-probability is printed; compare with benchmarks/sinkhorn.py's synthetic log-
 
 Run:
   .venv/bin/python benchmarks/imagenet_labelling.py                 # full shape, T=10 (--num_heads=1: one)
+  .venv/bin/python benchmarks/imagenet_labelling.py --feature_dir=/local/disk   # the features in a file
   .venv/bin/python benchmarks/imagenet_labelling.py --agreement     # N=200,000 subset, float32 reference
 """
 
@@ -43,6 +44,8 @@ def define_flags():
   flags.DEFINE_enum("feature_dtype", "bfloat16", label_store.FEATURE_DTYPES, "Stored features.")
   flags.DEFINE_enum("matmul_dtype", "float32", label_store.MATMUL_DTYPES, "The heads' product.")
   flags.DEFINE_enum("storage_dtype", "bfloat16", labeller.STORAGE_DTYPES, "The kernel P^lam.")
+  flags.DEFINE_string("feature_dir", "", "A local directory where the features are kept in a file "
+                      "(`label_store.FeatureFile`, as bin/train --label_feature_dir) instead of in memory.")
   flags.DEFINE_bool("warm", True, "After the cold labelling, label again warm-started from it (the "
                     "labellings after the first of a run), with the weights perturbed slightly.")
   flags.DEFINE_bool("agreement", False, "Compare with a float32 reference on --agreement_examples.")
@@ -62,21 +65,25 @@ def peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed):
-  """(features [N, D] numpy in feature_dtype, kernels T x [D, K] float32, biases, classes [N]).
+def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed, feature_dir=""):
+  """(features [N, D] in feature_dtype, kernels T x [D, K] float32, biases, classes [N]).
+
+  The features are a numpy array, or with `feature_dir` a `label_store.FeatureFile` there.
 
   The heads' weights are float32 tensors, which `label_store.LinearHeads` reads without a copy: ten heads
   of [4096, 3000] are 0.46 GiB, held once (numpy originals beside TF's copies would hold them twice)."""
   rng = np.random.default_rng(seed)
   centres = rng.normal(scale=0.1, size=(_CLASSES, dim)).astype(np.float32)
   classes = rng.integers(0, _CLASSES, num_examples)
-  features = np.empty((num_examples, dim), tf.as_dtype(feature_dtype).as_numpy_dtype)
+  dtype = tf.as_dtype(feature_dtype).as_numpy_dtype
+  features = (label_store.FeatureFile(feature_dir, (num_examples, dim), dtype) if feature_dir
+              else np.empty((num_examples, dim), dtype))
 
   def simulate_rows(start):  # numpy releases the GIL while drawing: the parts run on every core
     stop = min(start + _SIMULATION_ROWS, num_examples)
     part = np.random.default_rng([seed, start]).standard_normal((stop - start, dim), np.float32)
     part += centres[classes[start:stop]]
-    features[start:stop] = part
+    features[np.arange(start, stop)] = part
 
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
     list(pool.map(simulate_rows, range(0, num_examples, _SIMULATION_ROWS)))
@@ -123,14 +130,17 @@ def run_full():
   f = flags.FLAGS
   start = time.perf_counter()
   features, kernels, biases, _ = simulate(f.num_examples, f.feature_dim, f.num_clusters, f.num_heads,
-                                          f.feature_dtype, f.seed)
-  print(f"simulated features {features.shape} {f.feature_dtype} ({features.nbytes / 1e9:.1f} GB) in "
-        f"{time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+                                          f.feature_dtype, f.seed, f.feature_dir)
+  where = f"in a file in {f.feature_dir}" if f.feature_dir else "in memory"
+  print(f"simulated features {features.shape} {f.feature_dtype} ({features.nbytes / 1e9:.1f} GB, {where}) "
+        f"in {time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
   heads = label_store.LinearHeads(features, kernels, biases, matmul_dtype=f.matmul_dtype)
   print(f"mean max-probability (first 65536 examples, head 1): {mean_max_prob(heads[0]):.3f}")
   formula = label_store.store_bytes(f.num_examples, [f.num_clusters] * f.num_heads, f.feature_dim,
-                                    "features", f.feature_dtype, f.storage_dtype)
-  print(f"formula N*D*s_features + N*K*s_kernel = {formula / 2**30:.1f} GiB; the log-probs store would "
+                                    "features", f.feature_dtype, f.storage_dtype,
+                                    features_in_file=bool(f.feature_dir))
+  terms = "N*K*s_kernel (the features in a file)" if f.feature_dir else "N*D*s_features + N*K*s_kernel"
+  print(f"formula {terms} = {formula / 2**30:.1f} GiB; the log-probs store would "
         f"hold {label_store.store_bytes(f.num_examples, [f.num_clusters] * f.num_heads, f.feature_dim, 'log_probs') / 2**30:.0f} GiB",
         flush=True)
   cold = label(heads)
@@ -144,6 +154,7 @@ def run_full():
   print(f"peak RSS of the whole run: {peak_rss_gib():.1f} GiB = {peak_rss_gib() * 2**30 / 1e9:.1f} GB "
         f"(budget 20 GB); CPU threads "
         f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}", flush=True)
+  heads.close()
 
 
 def run_agreement():

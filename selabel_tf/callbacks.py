@@ -14,6 +14,7 @@ the model. With a model of your own, the callback makes a state; `with_self_labe
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -94,6 +95,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
       large K, e.g. ImageNet's 3000 x 10; see `selabel_tf.label_store`). "features" needs a model
       with `features(images)` and `linear_heads()` (as `SelaModel`) and `num_passes=1`.
     feature_dtype: dtype of the stored features with label_store="features".
+    feature_dir: with label_store="features", a local directory in which the label pass keeps the
+      features in a file (`label_store.FeatureFile`, removed after each labelling) rather than in
+      memory: the process then holds one head's kernel, not the features too (None: in memory). For
+      a gathered label pass (a sharded one keeps each replica's share on its device).
     matmul_dtype: dtype of the inputs of the heads' product with label_store="features" ("bfloat16":
       accumulated in float32, fast on hardware with bfloat16 units).
     label_sharding: "auto", "gathered" or "sharded" (see `LABEL_SHARDING`; the K-means labeller and
@@ -125,6 +130,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
                label_model: Optional[keras.Model] = None,
                label_store: str = "log_probs",
                feature_dtype: str = "bfloat16",
+               feature_dir: Optional[str] = None,
                matmul_dtype: str = "float32",
                label_sharding: str = "auto",
                log_dir: Optional[str] = None,
@@ -176,7 +182,16 @@ class SelfLabelCallback(keras.callbacks.Callback):
     if label_store == "features" and num_passes != 1:
       raise ValueError(f"SelfLabelCallback: label_store='features' keeps one pass's features; "
                        f"num_passes={num_passes} averages log-probabilities: use one or the other")
+    if feature_dir is not None and label_store != "features":
+      raise ValueError(f"SelfLabelCallback: feature_dir={feature_dir!r} keeps the features of "
+                       f"label_store='features' in a file; label_store is {label_store!r}")
+    if feature_dir is not None and not os.path.isdir(feature_dir):
+      raise ValueError(f"SelfLabelCallback: feature_dir={feature_dir!r} is not a directory")
+    if feature_dir is not None and label_sharding == "sharded":
+      raise ValueError("SelfLabelCallback: feature_dir keeps a gathered label pass in a file; "
+                       "label_sharding='sharded' keeps each replica's share on its device")
     self.label_store, self.feature_dtype, self.matmul_dtype = label_store, feature_dtype, matmul_dtype
+    self.feature_dir = feature_dir
     if label_sharding not in LABEL_SHARDING:
       raise ValueError(f"SelfLabelCallback: label_sharding must be one of {LABEL_SHARDING}, got "
                        f"{label_sharding!r}")
@@ -290,6 +305,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
     labeller = labeller or self.labeller
     run_pass = self._pass_runner(labeller)
     if self.sharded(labeller):
+      if self.feature_dir is not None and self.label_store == "features":
+        raise ValueError(f"SelfLabelCallback: feature_dir={self.feature_dir!r} keeps a gathered label "
+                         "pass in a file, but this labelling is sharded over the workers (label_sharding="
+                         f"{self.label_sharding!r}): pass label_sharding='gathered', or no feature_dir")
       if self.num_passes != 1:
         raise ValueError(f"SelfLabelCallback: num_passes={self.num_passes} averages each example's "
                          "log-probabilities across passes, which a sharded labelling cannot (an example "
@@ -301,9 +320,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
       weights = (self.label_model or self.model).linear_heads() if self.label_store == "features" else None
       return ShardedLabelPass(index, outputs, weights, self.matmul_dtype)
     total = None
+    in_file = self.feature_dir is not None and self.label_store == "features" and labeller == "sinkhorn"
+    allocate = label_store_lib.FeatureFile.allocator(self.feature_dir) if in_file else None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
-      outputs = run_pass(ds, self.num_examples, verbose=self.verbose,
+      outputs = run_pass(ds, self.num_examples, verbose=self.verbose, allocate=allocate,
                          description=f"SelfLabelCallback: label pass {pass_index + 1}/{self.num_passes}")
       if total is None:
         total = outputs
@@ -354,6 +375,13 @@ class SelfLabelCallback(keras.callbacks.Callback):
     start = time.perf_counter()
     labeller = self.labeller_due()
     pass_outputs = self.collect_log_probs(labeller)  # log-probs per head, or for K-means the features
+    try:
+      return self._relabel_from(pass_outputs, labeller, start)
+    finally:
+      if isinstance(pass_outputs, label_store_lib.LinearHeads):
+        pass_outputs.close()  # a FeatureFile's disk space
+
+  def _relabel_from(self, pass_outputs, labeller, start):
     pass_seconds = time.perf_counter() - start
     previous = self.state.current_labels()
     heads = self.heads_due()

@@ -8,7 +8,7 @@ all workers, in example order. `IndexedPass` is that loop, written once.
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -35,7 +35,7 @@ class IndexedPass:
     self._step = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)))
 
   def __call__(self, dataset: tf.data.Dataset, num_examples: int, *, description: str = "pass",
-               verbose: int = 0):
+               verbose: int = 0, allocate: Optional[Callable] = None):
     """Returns the outputs of every example, in index order.
 
     Args:
@@ -43,7 +43,10 @@ class IndexedPass:
       num_examples: N.
       description: what the pass is, for the log line and the error messages.
       verbose: 1 shows a progress bar.
+      allocate: `(shape, dtype) -> array` that each output is written into by `array[index] = values`
+        (default: a numpy array in memory; e.g. `label_store.FeatureFile.allocator(directory)`).
     """
+    allocate = allocate or np.zeros
     start = time.perf_counter()
     seen = np.zeros(num_examples, np.int64)
     flat_outputs, structure = None, None
@@ -61,7 +64,7 @@ class IndexedPass:
         flat = tf.nest.flatten(outputs)
         if flat_outputs is None:
           structure = outputs
-          flat_outputs = [np.zeros((num_examples,) + value.shape[1:], value.dtype) for value in flat]
+          flat_outputs = [allocate((num_examples,) + value.shape[1:], value.dtype) for value in flat]
         for target, value in zip(flat_outputs, flat):
           target[index] = value
         np.add.at(seen, index, 1)

@@ -11,9 +11,16 @@ array-like with `.shape` and row slicing), so only one head's kernel exists at a
 
 per worker, with N the examples this worker holds (N / W when the labelling is sharded over W workers).
 The official code does the same (it keeps the penultimate features and applies each head in turn).
+
+Where even the features and one kernel do not fit, `FeatureFile` keeps the features in a file on local
+disk instead: the label pass writes them there, and each head reads them once, part by part, with
+ordinary reads, so that the operating system's page cache (which it gives back under memory pressure),
+not the process, holds what memory allows. The process then holds one kernel and a part.
 """
 
 import dataclasses
+import os
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,6 +32,90 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 # Rows per part when a head's log-probs are computed: its float32 log-probs of one part (at K=3000,
 # 98 MB) are the transient cost beside the stored features and the kernel.
 DEFAULT_ROWS_PER_READ = 8192
+
+
+def _row_range(rows, num_rows: int, owner: str):
+  """(start, stop) of a contiguous row slice of `num_rows` rows; `owner` names the array in the errors."""
+  if not isinstance(rows, slice):
+    raise TypeError(f"{owner} takes row slices, got {rows!r}")
+  start, stop, step = rows.indices(num_rows)
+  if step != 1:
+    raise ValueError(f"{owner}: only contiguous row slices")
+  return start, stop
+
+
+class FeatureFile:
+  """A [N, D] array in an unnamed file on local disk: written by example index, read by row range.
+
+  The file is created already unlinked (`tempfile.TemporaryFile`), so it takes disk space only while
+  this object is open and nothing is left behind when the process ends, even by SIGKILL. Reads and
+  writes are ordinary `pread`/`pwrite` calls, not a memory map: the rows read are the caller's array,
+  and the file's pages stay in the page cache, outside the process's resident memory.
+
+  Args:
+    directory: an existing local directory (fast local disk: every labelled head reads the file once).
+    shape: (N, D).
+    dtype: numpy dtype of the rows (bfloat16 included).
+
+  `features[start:stop]` is a numpy array [stop - start, D]; `features[index] = rows` writes rows [B, D]
+  at the int indices `index` [B] (any order); `.shape`, `.dtype`, `.nbytes`; `close()` frees the disk.
+  """
+
+  def __init__(self, directory: str, shape, dtype):
+    if not os.path.isdir(directory):
+      raise ValueError(f"FeatureFile: directory {directory!r} does not exist (a local directory on a "
+                       "disk with room for the features)")
+    self.shape = tuple(int(n) for n in shape)
+    if len(self.shape) != 2:
+      raise ValueError(f"FeatureFile: shape must be (N, D), got {self.shape}")
+    self.dtype = np.dtype(dtype)
+    self._row_bytes = self.shape[1] * self.dtype.itemsize
+    self.nbytes = self.shape[0] * self._row_bytes
+    self._file = tempfile.TemporaryFile(dir=directory)
+    try:
+      os.ftruncate(self._file.fileno(), self.nbytes)
+    except OSError:
+      self._file.close()
+      raise
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, rows):
+    start, stop = _row_range(rows, self.shape[0], "FeatureFile")
+    out = np.empty((max(stop - start, 0), self.shape[1]), self.dtype)
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < len(view):  # one pread returns at most ~2 GiB
+      read = os.preadv(self._file.fileno(), [view[done:]], start * self._row_bytes + done)
+      if read <= 0:
+        raise OSError(f"FeatureFile: the file ended {len(view) - done} bytes early")
+      done += read
+    return out
+
+  def __setitem__(self, index, rows):
+    index = np.asarray(index)
+    rows = np.asarray(rows, self.dtype).reshape(-1, self.shape[1])
+    if index.ndim != 1 or len(index) != len(rows):
+      raise ValueError(f"FeatureFile: {len(rows)} rows need as many indices, got {index.shape}")
+    if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
+      raise ValueError(f"FeatureFile: index {index.min()}...{index.max()} outside [0, {self.shape[0]})")
+    order = np.argsort(index, kind="stable")
+    index, rows = index[order], rows[order]
+    # Runs of consecutive indices are written with one call each (a label pass in order: one per batch).
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    for run_start, run_stop in zip(np.r_[0, breaks], np.r_[breaks, len(index)]):
+      data, done = memoryview(np.ascontiguousarray(rows[run_start:run_stop]).reshape(-1).view(np.uint8)), 0
+      while done < len(data):
+        done += os.pwrite(self._file.fileno(), data[done:], int(index[run_start]) * self._row_bytes + done)
+
+  def close(self):
+    """Frees the file's disk space (the object cannot be read afterwards)."""
+    self._file.close()
+
+  @classmethod
+  def allocator(cls, directory: str):
+    """`(shape, dtype) -> FeatureFile` in `directory`: the `allocate` of `inference.IndexedPass`."""
+    return lambda shape, dtype: cls(directory, shape, dtype)
 
 
 def _head_log_probs(features, kernel, bias, matmul_dtype):
@@ -64,7 +155,7 @@ class LinearHeadLogProbs:
   """One linear head's log-probabilities, computed from stored features for any row range.
 
   Args:
-    features: [N, D] (numpy, any float dtype including bfloat16; or a tensor).
+    features: [N, D] (numpy, any float dtype including bfloat16; a tensor; or a `FeatureFile`).
     kernel: [D, K], bias: [K]: the head's weights.
     matmul_dtype: "float32" (exact given the stored features) or "bfloat16" (the kernel rounded to
       bfloat16 and the product accumulated in float32, on the hardware's bfloat16 units; the logits
@@ -94,11 +185,7 @@ class LinearHeadLogProbs:
     self._feature_check = feature_check if feature_check is not None else {}
 
   def __getitem__(self, rows):
-    if not isinstance(rows, slice):
-      raise TypeError(f"LinearHeadLogProbs takes row slices, got {rows!r}")
-    start, stop, step = rows.indices(self.shape[0])
-    if step != 1:
-      raise ValueError("LinearHeadLogProbs: only contiguous row slices")
+    start, stop = _row_range(rows, self.shape[0], "LinearHeadLogProbs")
     return _head_log_probs(tf.convert_to_tensor(self.features[start:stop]), self.kernel, self.bias,
                            self.matmul_dtype)
 
@@ -162,6 +249,11 @@ class LinearHeads(Sequence):
     weights = model.linear_heads()
     return cls(features, [weights[t][0] for t in heads], [weights[t][1] for t in heads], **kwargs)
 
+  def close(self):
+    """Frees the features' disk space when they are a `FeatureFile` (does nothing otherwise)."""
+    if isinstance(self.features, FeatureFile):
+      self.features.close()
+
 
 
 def per_replica_log_probs(strategy: tf.distribute.Strategy, per_replica_features, kernel, bias, *,
@@ -176,10 +268,13 @@ def per_replica_log_probs(strategy: tf.distribute.Strategy, per_replica_features
 
 
 def store_bytes(num_examples: int, num_clusters: Sequence[int], feature_dim: int, store: str,
-                feature_dtype: str = "bfloat16", kernel_dtype: str = "float32") -> int:
-  """Peak bytes of a labelling: what the label pass stores plus the largest head's kernel (the formula
-  of the module docstring; the parts read at a time and the runtime come on top)."""
+                feature_dtype: str = "bfloat16", kernel_dtype: str = "float32",
+                features_in_file: bool = False) -> int:
+  """Peak bytes of a labelling in the process's memory: what the label pass stores there plus the
+  largest head's kernel (the formula of the module docstring; the parts read at a time and the runtime
+  come on top). `features_in_file`: the features are in a `FeatureFile`, on disk, not in memory."""
   kernel = num_examples * max(num_clusters) * tf.as_dtype(kernel_dtype).size
   if store == "features":
-    return num_examples * feature_dim * tf.as_dtype(feature_dtype).size + kernel
+    features = 0 if features_in_file else num_examples * feature_dim * tf.as_dtype(feature_dtype).size
+    return features + kernel
   return num_examples * sum(num_clusters) * 4 + kernel

@@ -149,6 +149,10 @@ class TrainConfig:
       "ImageNet's; peak memory in the README).", choices=label_store_lib.STORES, group=_LABELLING)
   label_feature_dtype: str = option("bfloat16", "--label_store=features: dtype of the stored features.",
                                     choices=label_store_lib.FEATURE_DTYPES, group=_LABELLING)
+  label_feature_dir: str = option(
+      "", "--label_store=features: a local directory where the label pass keeps the features in a file "
+      "(removed after each labelling) instead of in memory, so that memory holds one head's kernel, not "
+      "the features too (empty: in memory; README \"Scale\").", group=_LABELLING)
   label_matmul_dtype: str = option(
       "float32", "--label_store=features: dtype of the inputs of the heads' product (bfloat16: the kernel "
       "rounded to bfloat16, accumulated in float32; fast where the hardware has bfloat16 units).",
@@ -221,6 +225,15 @@ class TrainConfig:
         (self.label_store == "log_probs" or self.label_passes == 1,
          f"--label_store=features keeps one pass's features; --label_passes={self.label_passes} averages "
          f"log-probabilities: pass --label_passes=1"),
+        (not self.label_feature_dir or self.label_store == "features",
+         f"--label_feature_dir={self.label_feature_dir} keeps the features of --label_store=features in a "
+         f"file; --label_store is {self.label_store}"),
+        (not self.label_feature_dir or os.path.isdir(self.label_feature_dir),
+         f"--label_feature_dir={self.label_feature_dir} is not a directory (a local one, with room for "
+         f"the features)"),
+        (not self.label_feature_dir or self.label_sharding != "sharded",
+         f"--label_feature_dir keeps a gathered label pass in a file; --label_sharding=sharded keeps each "
+         f"replica's share on its device"),
         (self.labeller_tol > 0, f"--labeller_tol={self.labeller_tol} must be > 0"),
         (self.kmeans_pca_dim >= 1, f"--kmeans_pca_dim={self.kmeans_pca_dim} must be >= 1"),
         (not (self.supervised and self.labels_from), f"--supervised and --labels_from={self.labels_from}: "
@@ -297,10 +310,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 BEFORE_THEIR_FLAG = {"fc_batchnorm": False}
 
 
-# What a resumed run may change: how it is evaluated and where it exports; the training state does not
-# depend on these.
+# What a resumed run may change: how it is evaluated, where it exports and where a labelling spills its
+# features (a machine's local disk); the training state does not depend on these.
 MAY_CHANGE_ON_RESUME = frozenset(
-    ["overwrite", "export_dir"] +
+    ["overwrite", "export_dir", "label_feature_dir"] +
     [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == _EVALUATION])
 
 
@@ -634,6 +647,7 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
       label_model=label_model, label_store=config.label_store, feature_dtype=config.label_feature_dtype,
+      feature_dir=config.label_feature_dir or None,
       matmul_dtype=config.label_matmul_dtype, label_sharding=config.label_sharding,
       log_dir=os.path.join(tensorboard_dir, "selabel") if chief else None,
       sheet_images=None if inputs.dataset.streamed else inputs.dataset.images, verbose=0)

@@ -1,11 +1,14 @@
 """SelfLabelCallback: the cold-start labelling and the label pass on a twin model."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
+from selabel_tf import label_store
 from selabel_tf.modeling.sela import SelaModel
 
 NUM_EXAMPLES, SHAPE = 2000, (16, 16, 1)
@@ -250,6 +253,42 @@ def test_features_store_labels_as_the_log_probs_store(feature_dtype):
     np.testing.assert_allclose(features[0][t], stored[0][t], atol=1e-5 if feature_dtype == "float32" else 0.05)
   agreement = np.mean(features[1] == stored[1])
   assert agreement >= (1.0 if feature_dtype == "float32" else 0.9), agreement
+
+
+def test_features_in_a_file_label_as_features_in_memory(tmp_path):
+  """feature_dir keeps the label pass's features in a file: the same labels and alpha bit for bit as in
+  memory, and no file is left in the directory after the labelling."""
+  images = np.random.default_rng(4).normal(size=(300,) + SHAPE).astype(np.float32)
+  results = []
+  for feature_dir in (None, str(tmp_path)):
+    model = _sela_model()
+    _perturb(model)
+    callback = callbacks_lib.SelfLabelCallback(_indexed(images, batch=64), 300, 10.0, steps=[0],
+                                               label_store="features", feature_dir=feature_dir,
+                                               labeller_options={"tol": 1e-3}, verbose=0)
+    callback.set_model(model)
+    heads = callback.collect_log_probs()
+    assert isinstance(heads.features, label_store.FeatureFile) == (feature_dir is not None)
+    heads.close()
+    results.append(callback.relabel())
+  np.testing.assert_array_equal(results[1].labels, results[0].labels)
+  for from_file, in_memory in zip(results[1].log_row_scale, results[0].log_row_scale):
+    np.testing.assert_array_equal(from_file, in_memory)
+  assert os.listdir(tmp_path) == []
+
+
+def test_feature_dir_names_what_it_needs(tmp_path):
+  images = np.zeros((4,) + SHAPE, np.float32)
+  kwargs = dict(steps=[0], num_clusters=(2,))
+  with pytest.raises(ValueError, match="feature_dir='/no/such' is not a directory"):
+    callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, label_store="features", feature_dir="/no/such",
+                                    **kwargs)
+  with pytest.raises(ValueError, match="keeps the features of label_store='features' in a file; label_store "
+                                       "is 'log_probs'"):
+    callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, feature_dir=str(tmp_path), **kwargs)
+  with pytest.raises(ValueError, match="label_sharding='sharded' keeps each replica's share on its device"):
+    callbacks_lib.SelfLabelCallback(_indexed(images), 4, 10.0, label_store="features",
+                                    feature_dir=str(tmp_path), label_sharding="sharded", **kwargs)
 
 
 def test_features_store_needs_one_pass_and_linear_heads():

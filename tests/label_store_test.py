@@ -1,5 +1,7 @@
 """Tests for `selabel_tf.label_store`: labelling from stored features, one head's log-probs at a time."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -110,6 +112,7 @@ def test_store_bytes_is_the_documented_formula():
   n, k, d = 1_281_167, [3000] * 10, 4096
   assert label_store.store_bytes(n, k, d, "log_probs", kernel_dtype="float32") == n * 30000 * 4 + n * 3000 * 4
   assert label_store.store_bytes(n, k, d, "features", "bfloat16", "bfloat16") == n * 4096 * 2 + n * 3000 * 2
+  assert label_store.store_bytes(n, k, d, "features", "bfloat16", "bfloat16", features_in_file=True) == n * 3000 * 2
 
 
 def test_non_finite_features_are_reported_before_any_solving():
@@ -147,3 +150,61 @@ def test_linear_heads_hold_each_head_s_weights_once():
   assert all(heads[t].kernel is tensors[t] and heads.kernels[t] is tensors[t] for t in range(2))
   from_arrays = label_store.LinearHeads(features, arrays, biases)
   np.testing.assert_array_equal(heads[1][0:20].numpy(), from_arrays[1][0:20].numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_feature_file_reads_back_rows_written_in_any_order(tmp_path, dtype):
+  """Rows written by shuffled index, in batches (runs of consecutive indices and single rows), read back
+  by any row range equal the array they came from, bit for bit; the file is unnamed (the directory stays
+  empty) and takes its size on disk."""
+  np_dtype = tf.as_dtype(dtype).as_numpy_dtype
+  rng = np.random.default_rng(0)
+  expected = rng.normal(size=(1000, 24)).astype(np_dtype)
+  stored = label_store.FeatureFile(str(tmp_path), expected.shape, np_dtype)
+  assert (stored.shape, stored.dtype, stored.nbytes, len(stored)) == (
+      (1000, 24), np.dtype(np_dtype), expected.nbytes, 1000)
+  assert os.listdir(tmp_path) == []
+  assert os.fstat(stored._file.fileno()).st_size == expected.nbytes
+  stored[np.arange(0, 300)] = expected[:300]  # one run
+  order = rng.permutation(np.arange(300, 1000))
+  for batch in np.array_split(order, 9):  # scattered rows
+    stored[batch] = expected[batch]
+  for rows in (slice(0, 1000), slice(0, 1), slice(299, 301), slice(997, 2000), slice(500, 500)):
+    np.testing.assert_array_equal(stored[rows].view(np.uint8), expected[rows].view(np.uint8))
+  assert stored[0:7].dtype == np.dtype(np_dtype)
+  stored.close()
+  assert os.listdir(tmp_path) == []
+
+
+def test_feature_file_names_bad_input(tmp_path):
+  with pytest.raises(ValueError, match=r"directory '/no/such/dir' does not exist"):
+    label_store.FeatureFile("/no/such/dir", (4, 3), np.float32)
+  stored = label_store.FeatureFile(str(tmp_path), (4, 3), np.float32)
+  with pytest.raises(ValueError, match=r"index 2...4 outside \[0, 4\)"):
+    stored[np.array([2, 4])] = np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match=r"2 rows need as many indices, got \(3,\)"):
+    stored[np.array([0, 1, 2])] = np.zeros((2, 3), np.float32)
+  with pytest.raises(TypeError, match="takes row slices"):
+    stored[3]  # pylint: disable=pointless-statement
+  with pytest.raises(ValueError, match="only contiguous row slices"):
+    stored[0:4:2]  # pylint: disable=pointless-statement
+
+
+def test_labels_from_a_feature_file_equal_labels_from_features_in_memory(tmp_path):
+  """The heads computed from the file read the same bytes: the same labels, iterations and alpha bit for
+  bit, bfloat16 features and kernel; closing the heads frees the file."""
+  features, kernels, biases = _features_and_heads()
+  narrow = features.astype(tf.bfloat16.as_numpy_dtype)
+  stored = label_store.FeatureFile(str(tmp_path), narrow.shape, narrow.dtype)
+  stored[np.arange(len(narrow))] = narrow
+  options = dict(tol=1e-3, storage_dtype="bfloat16")
+  in_memory = selabel_tf.assign_labels(
+      label_store.LinearHeads(narrow, kernels, biases, rows_per_read=700), 10.0, **options)
+  heads = label_store.LinearHeads(stored, kernels, biases, rows_per_read=700)
+  from_file = selabel_tf.assign_labels(heads, 10.0, **options)
+  np.testing.assert_array_equal(from_file.labels, in_memory.labels)
+  np.testing.assert_array_equal(from_file.iterations, in_memory.iterations)
+  for t in range(2):
+    np.testing.assert_array_equal(from_file.log_row_scale[t], in_memory.log_row_scale[t])
+  heads.close()
+  assert stored._file.closed

@@ -215,6 +215,12 @@ def test_the_knn_reads_the_backbones_embedding_unless_a_layer_is_named(architect
      "--label_passes=2 averages log-probabilities"),
     (["--label_sharding=some"], "--label_sharding=some: value should be one of"),
     (["--label_matmul_dtype=float16"], "--label_matmul_dtype=float16: value should be one of"),
+    (["--label_store=features", "--label_feature_dir=/no/such/dir"],
+     "--label_feature_dir=/no/such/dir is not a directory"),
+    (["--label_feature_dir=/tmp"], "--label_feature_dir=/tmp keeps the features of --label_store=features "
+     "in a file; --label_store is log_probs"),
+    (["--label_store=features", "--label_feature_dir=/tmp", "--label_sharding=sharded"],
+     "--label_sharding=sharded keeps each replica's share on its device"),
 ])
 def test_flag_values_that_are_not_allowed_name_the_flag(flags, needle):
   """The same path as bin/train (flags from TrainConfig's table, then validate), in this process; the
@@ -252,7 +258,8 @@ def test_a_resumed_run_may_change_only_its_evaluation_and_export(tiny_npz, tmp_p
   with open(os.path.join(run_dir, "config.json")) as f:
     recorded = json.load(f)
   assert recorded["knn_layer"] == "" and recorded["probe_epochs"] == 3
-  assert {"knn_layer", "probe_epochs", "eval_every_epochs", "export_dir"} <= train.MAY_CHANGE_ON_RESUME
+  assert {"knn_layer", "probe_epochs", "eval_every_epochs", "export_dir", "label_feature_dir"} <= \
+      train.MAY_CHANGE_ON_RESUME
   assert not {"lam", "heads", "epochs", "batch_size", "seed", "dataset"} & train.MAY_CHANGE_ON_RESUME
   with pytest.raises(train.ConfigError, match=r"differs in --epochs\)"):
     train.prepare_run_dir(train.TrainConfig(dataset=tiny_npz, run_dir=run_dir, heads="4", batch_size=16,
@@ -418,6 +425,30 @@ def test_run_leaves_the_dtype_policy_as_it_found_it(make_npz, tmp_path):
                              evaluate=False, strategy="default")
   train.run(config)
   assert keras.mixed_precision.global_policy().name == before == "float32"
+
+
+def test_label_feature_dir_labels_from_a_file_and_leaves_nothing(make_npz, tmp_path, monkeypatch):
+  """--label_feature_dir reaches the labelling: each Sinkhorn-Knopp labelling keeps the features in a file
+  there (counted), and the directory is empty after the run."""
+  from selabel_tf import label_store  # pylint: disable=g-import-not-at-top
+  files_made = []
+  original = label_store.FeatureFile.__init__
+
+  def counting_init(self, directory, shape, dtype):
+    files_made.append((directory, tuple(shape)))
+    original(self, directory, shape, dtype)
+
+  monkeypatch.setattr(label_store.FeatureFile, "__init__", counting_init)
+  spill = tmp_path / "spill"
+  spill.mkdir()
+  config = train.TrainConfig(dataset=make_npz(32, 16, 2), run_dir=str(tmp_path / "run"), heads="3,2",
+                             epochs=2, nopts=2, batch_size=16, evaluate=False, strategy="default",
+                             cold_start_labeller="same", label_store="features",
+                             label_feature_dir=str(spill))
+  train.run(config)
+  assert [d for d, _ in files_made] == [str(spill)] * 2 and files_made[0][1][0] == 32
+  assert os.listdir(spill) == []
+  assert np.load(tmp_path / "run" / "labels.npz")["labels"].shape == (2, 32)
 
 
 def test_the_default_config_smoke_run_writes_a_complete_run_dir(tmp_path):
