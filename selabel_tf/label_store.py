@@ -19,6 +19,7 @@ not the process, holds what memory allows. The process then holds one kernel and
 """
 
 import dataclasses
+import errno
 import os
 import tempfile
 from typing import Optional, Sequence
@@ -73,10 +74,22 @@ class FeatureFile:
     self.nbytes = self.shape[0] * self._row_bytes
     self._file = tempfile.TemporaryFile(dir=directory)
     try:
-      os.ftruncate(self._file.fileno(), self.nbytes)
-    except OSError:
+      self._reserve(directory)
+    except BaseException:
       self._file.close()
       raise
+
+  def _reserve(self, directory):
+    """Takes the file's disk space now, so that a full disk fails here, not in the middle of a pass."""
+    try:
+      os.posix_fallocate(self._file.fileno(), 0, self.nbytes)
+    except OSError as e:
+      if e.errno == errno.ENOSPC:
+        raise OSError(errno.ENOSPC, f"FeatureFile: no room in {directory!r} for {self.nbytes / 1e9:.2f} GB "
+                      f"of features {self.shape} {self.dtype}") from None
+      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: grow on write
+        raise
+      os.ftruncate(self._file.fileno(), self.nbytes)
 
   def __len__(self):
     return self.shape[0]

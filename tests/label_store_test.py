@@ -1,5 +1,6 @@
 """Tests for `selabel_tf.label_store`: labelling from stored features, one head's log-probs at a time."""
 
+import errno
 import os
 
 import numpy as np
@@ -176,9 +177,19 @@ def test_feature_file_reads_back_rows_written_in_any_order(tmp_path, dtype):
   assert os.listdir(tmp_path) == []
 
 
-def test_feature_file_names_bad_input(tmp_path):
+def test_feature_file_names_bad_input(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"directory '/no/such/dir' does not exist"):
     label_store.FeatureFile("/no/such/dir", (4, 3), np.float32)
+
+  def full_disk(fd, offset, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match=r"FeatureFile: no room in '.*' for 0.02 GB of features \(1000, 4096\) "
+                                      r"float32"):
+      label_store.FeatureFile(str(tmp_path), (1000, 4096), np.float32)
+  assert os.listdir(tmp_path) == []
   stored = label_store.FeatureFile(str(tmp_path), (4, 3), np.float32)
   with pytest.raises(ValueError, match=r"index 2...4 outside \[0, 4\)"):
     stored[np.array([2, 4])] = np.zeros((2, 3), np.float32)
