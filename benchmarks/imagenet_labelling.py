@@ -46,6 +46,8 @@ def define_flags():
   flags.DEFINE_enum("storage_dtype", "bfloat16", labeller.STORAGE_DTYPES, "The kernel P^lam.")
   flags.DEFINE_string("feature_dir", "", "A local directory where the features are kept in a file "
                       "(`label_store.FeatureFile`, as bin/train --label_feature_dir) instead of in memory.")
+  flags.DEFINE_bool("feature_page_cache", False, "With --feature_dir: let the file's pages stay in the "
+                    "page cache (default: dropped once read, as FeatureFile's default).")
   flags.DEFINE_bool("warm", True, "After the cold labelling, label again warm-started from it (the "
                     "labellings after the first of a run), with the weights perturbed slightly.")
   flags.DEFINE_bool("agreement", False, "Compare with a float32 reference on --agreement_examples.")
@@ -65,7 +67,8 @@ def peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed, feature_dir=""):
+def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed, feature_dir="",
+             page_cache=False):
   """(features [N, D] in feature_dtype, kernels T x [D, K] float32, biases, classes [N]).
 
   The features are a numpy array, or with `feature_dir` a `label_store.FeatureFile` there.
@@ -76,7 +79,8 @@ def simulate(num_examples, dim, num_clusters, num_heads, feature_dtype, seed, fe
   centres = rng.normal(scale=0.1, size=(_CLASSES, dim)).astype(np.float32)
   classes = rng.integers(0, _CLASSES, num_examples)
   dtype = tf.as_dtype(feature_dtype).as_numpy_dtype
-  features = (label_store.FeatureFile(feature_dir, (num_examples, dim), dtype) if feature_dir
+  features = (label_store.FeatureFile(feature_dir, (num_examples, dim), dtype, page_cache=page_cache)
+              if feature_dir
               else np.empty((num_examples, dim), dtype))
 
   def simulate_rows(start):  # numpy releases the GIL while drawing: the parts run on every core
@@ -130,7 +134,7 @@ def run_full():
   f = flags.FLAGS
   start = time.perf_counter()
   features, kernels, biases, _ = simulate(f.num_examples, f.feature_dim, f.num_clusters, f.num_heads,
-                                          f.feature_dtype, f.seed, f.feature_dir)
+                                          f.feature_dtype, f.seed, f.feature_dir, f.feature_page_cache)
   where = f"in a file in {f.feature_dir}" if f.feature_dir else "in memory"
   print(f"simulated features {features.shape} {f.feature_dtype} ({features.nbytes / 1e9:.1f} GB, {where}) "
         f"in {time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)

@@ -14,8 +14,8 @@ The official code does the same (it keeps the penultimate features and applies e
 
 Where even the features and one kernel do not fit, `FeatureFile` keeps the features in a file on local
 disk instead: the label pass writes them there, and each head reads them once, part by part, with
-ordinary reads, so that the operating system's page cache (which it gives back under memory pressure),
-not the process, holds what memory allows. The process then holds one kernel and a part.
+ordinary reads (by default dropping the pages read from the OS page cache). The process then holds one
+kernel and a part.
 """
 
 import dataclasses
@@ -51,18 +51,22 @@ class FeatureFile:
   The file is created already unlinked (`tempfile.TemporaryFile`), so it takes disk space only while
   this object is open and nothing is left behind when the process ends, even by SIGKILL. Reads and
   writes are ordinary `pread`/`pwrite` calls, not a memory map: the rows read are the caller's array,
-  and the file's pages stay in the page cache, outside the process's resident memory.
+  and the file's pages, if kept (`page_cache`), are the OS page cache's, not the process's memory.
 
   Args:
     directory: an existing local directory (fast local disk: every labelled head reads the file once).
     shape: (N, D).
     dtype: numpy dtype of the rows (bfloat16 included).
+    page_cache: whether the file's pages may stay in the OS page cache. False (the default): they are
+      dropped once written (at the first read) and once read (`posix_fadvise`), so that the file takes
+      no memory at all and each head reads it from the disk; a full page cache beside the labelling
+      slowed it (README "Scale").
 
   `features[start:stop]` is a numpy array [stop - start, D]; `features[index] = rows` writes rows [B, D]
   at the int indices `index` [B] (any order); `.shape`, `.dtype`, `.nbytes`; `close()` frees the disk.
   """
 
-  def __init__(self, directory: str, shape, dtype):
+  def __init__(self, directory: str, shape, dtype, *, page_cache: bool = False):
     if not os.path.isdir(directory):
       raise ValueError(f"FeatureFile: directory {directory!r} does not exist (a local directory on a "
                        "disk with room for the features)")
@@ -72,9 +76,12 @@ class FeatureFile:
     self.dtype = np.dtype(dtype)
     self._row_bytes = self.shape[1] * self.dtype.itemsize
     self.nbytes = self.shape[0] * self._row_bytes
+    self.page_cache = page_cache
+    self._unsynced = False  # rows written since the pages were last dropped
     self._file = tempfile.TemporaryFile(dir=directory)
     try:
       self._reserve(directory)
+      os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except BaseException:
       self._file.close()
       raise
@@ -96,6 +103,10 @@ class FeatureFile:
 
   def __getitem__(self, rows):
     start, stop = _row_range(rows, self.shape[0], "FeatureFile")
+    if self._unsynced and not self.page_cache:  # dirty pages cannot be dropped before they are written
+      os.fdatasync(self._file.fileno())
+      os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+      self._unsynced = False
     out = np.empty((max(stop - start, 0), self.shape[1]), self.dtype)
     view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
     while done < len(view):  # one pread returns at most ~2 GiB
@@ -103,6 +114,8 @@ class FeatureFile:
       if read <= 0:
         raise OSError(f"FeatureFile: the file ended {len(view) - done} bytes early")
       done += read
+    if not self.page_cache:
+      os.posix_fadvise(self._file.fileno(), start * self._row_bytes, len(view), os.POSIX_FADV_DONTNEED)
     return out
 
   def __setitem__(self, index, rows):
@@ -120,15 +133,16 @@ class FeatureFile:
       data, done = memoryview(np.ascontiguousarray(rows[run_start:run_stop]).reshape(-1).view(np.uint8)), 0
       while done < len(data):
         done += os.pwrite(self._file.fileno(), data[done:], int(index[run_start]) * self._row_bytes + done)
+    self._unsynced = True
 
   def close(self):
     """Frees the file's disk space (the object cannot be read afterwards)."""
     self._file.close()
 
   @classmethod
-  def allocator(cls, directory: str):
+  def allocator(cls, directory: str, **kwargs):
     """`(shape, dtype) -> FeatureFile` in `directory`: the `allocate` of `inference.IndexedPass`."""
-    return lambda shape, dtype: cls(directory, shape, dtype)
+    return lambda shape, dtype: cls(directory, shape, dtype, **kwargs)
 
 
 def _head_log_probs(features, kernel, bias, matmul_dtype):
