@@ -81,7 +81,7 @@ class FeatureFile:
     self._file = tempfile.TemporaryFile(dir=directory)
     try:
       self._reserve(directory)
-      os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+      self._advise(0, 0, "POSIX_FADV_SEQUENTIAL")
     except BaseException:
       self._file.close()
       raise
@@ -89,6 +89,8 @@ class FeatureFile:
   def _reserve(self, directory):
     """Takes the file's disk space now, so that a full disk fails here, not in the middle of a pass."""
     try:
+      if not hasattr(os, "posix_fallocate"):  # e.g. macOS: grow on write
+        raise OSError(errno.EOPNOTSUPP, "posix_fallocate")
       os.posix_fallocate(self._file.fileno(), 0, self.nbytes)
     except OSError as e:
       if e.errno == errno.ENOSPC:
@@ -98,14 +100,19 @@ class FeatureFile:
         raise
       os.ftruncate(self._file.fileno(), self.nbytes)
 
+  def _advise(self, offset, length, advice):
+    """posix_fadvise where the OS has it (not macOS): the page cache's handling of the file's pages."""
+    if hasattr(os, "posix_fadvise"):
+      os.posix_fadvise(self._file.fileno(), offset, length, getattr(os, advice))
+
   def __len__(self):
     return self.shape[0]
 
   def __getitem__(self, rows):
     start, stop = _row_range(rows, self.shape[0], "FeatureFile")
     if self._unsynced and not self.page_cache:  # dirty pages cannot be dropped before they are written
-      os.fdatasync(self._file.fileno())
-      os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+      os.fsync(self._file.fileno())
+      self._advise(0, 0, "POSIX_FADV_DONTNEED")
       self._unsynced = False
     out = np.empty((max(stop - start, 0), self.shape[1]), self.dtype)
     view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
@@ -115,7 +122,7 @@ class FeatureFile:
         raise OSError(f"FeatureFile: the file ended {len(view) - done} bytes early")
       done += read
     if not self.page_cache:
-      os.posix_fadvise(self._file.fileno(), start * self._row_bytes, len(view), os.POSIX_FADV_DONTNEED)
+      self._advise(start * self._row_bytes, len(view), "POSIX_FADV_DONTNEED")
     return out
 
   def __setitem__(self, index, rows):

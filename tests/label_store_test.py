@@ -221,3 +221,15 @@ def test_labels_from_a_feature_file_equal_labels_from_features_in_memory(tmp_pat
     np.testing.assert_array_equal(from_file.log_row_scale[t], in_memory.log_row_scale[t])
   heads.close()
   assert stored._file.closed
+
+
+def test_feature_file_works_where_the_os_has_no_fadvise_or_fallocate(tmp_path, monkeypatch):
+  """macOS has neither posix_fadvise nor posix_fallocate: the file grows on write, reads are the same."""
+  monkeypatch.delattr(os, "posix_fadvise", raising=False)
+  monkeypatch.delattr(os, "posix_fallocate", raising=False)
+  expected = np.arange(60, dtype=np.float32).reshape(20, 3)
+  stored = label_store.FeatureFile(str(tmp_path), expected.shape, np.float32)
+  stored[np.arange(20)[::-1]] = expected[::-1]
+  np.testing.assert_array_equal(stored[0:20], expected)
+  assert os.fstat(stored._file.fileno()).st_size == expected.nbytes
+  stored.close()
