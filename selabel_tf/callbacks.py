@@ -305,7 +305,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
     labeller = labeller or self.labeller
     run_pass = self._pass_runner(labeller)
     if self.sharded(labeller):
-      if self.feature_dir is not None and self.label_store == "features":
+      if self.feature_dir is not None:  # (the constructor allows it only with label_store="features")
         raise ValueError(f"SelfLabelCallback: feature_dir={self.feature_dir!r} keeps a gathered label "
                          "pass in a file, but this labelling is sharded over the workers (label_sharding="
                          f"{self.label_sharding!r}): pass label_sharding='gathered', or no feature_dir")
@@ -320,7 +320,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
       weights = (self.label_model or self.model).linear_heads() if self.label_store == "features" else None
       return ShardedLabelPass(index, outputs, weights, self.matmul_dtype)
     total = None
-    in_file = self.feature_dir is not None and self.label_store == "features" and labeller == "sinkhorn"
+    # K-means reads the features whole, in memory; the Sinkhorn-Knopp labeller reads them part by part.
+    in_file = self.feature_dir is not None and labeller == "sinkhorn"
     allocate = label_store_lib.FeatureFile.allocator(self.feature_dir) if in_file else None
     for pass_index in range(self.num_passes):
       ds = self.label_pass(pass_index) if callable(self.label_pass) else self.label_pass
