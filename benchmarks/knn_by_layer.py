@@ -8,6 +8,12 @@ name (e.g. fc6_relu, fc7_bn), flattened as it is (no probe pooling), through the
 
   .venv/bin/python benchmarks/knn_by_layer.py --run_dir=runs/fashion_mnist \\
       --layers=pool5,fc6_relu,features
+
+--cluster_nmi also clusters each layer's train activations into as many clusters as there are classes
+and prints the NMI against the train classes: K-means (faiss, 20 iterations, seed 0) on the
+L2-normalised activations, and through the K-means labeller's own preprocessing (`selabel_tf.kmeans`:
+whitened PCA to 256 dimensions, then L2 normalisation). Set beside the run's self-labels' NMI, it tells
+how much of the class structure a layer holds that the heads' labels do not.
 """
 
 import os
@@ -30,6 +36,8 @@ flags.DEFINE_list("layers", ["pool5", "fc6_relu", "features"], "Backbone outputs
 flags.DEFINE_list("ks", ["10", "50", "200"], "Numbers of neighbours.")
 flags.DEFINE_list("models", ["trained", "untrained"], "trained (the run's final weights) and/or untrained "
                   "(the same network as initialised, --random_init).")
+flags.DEFINE_bool("cluster_nmi", False, "Also K-means each layer's train activations (K = classes) and print "
+                  "the NMI against the train classes.")
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +46,20 @@ def activations_of(backbone, names):
   outputs = {name: backbone.output[name] if name in backbone.output else backbone.get_layer(name).output
              for name in names}
   return keras.Model(backbone.inputs, outputs)
+
+
+def cluster_nmi(values, classes, num_classes):
+  """NMI of K-means (K = num_classes) on the L2-normalised rows, and on the K-means labeller's preprocessing."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
+  from selabel_tf.evaluation import cluster_metrics  # pylint: disable=g-import-not-at-top
+  rows = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+  plain = faiss.Kmeans(rows.shape[1], num_classes, niter=20, seed=0)
+  plain.train(rows)
+  _, plain_labels = plain.index.search(rows, 1)
+  labeller = kmeans.assign_labels_kmeans(values, [num_classes], seed=0)
+  return {name: cluster_metrics.cluster_metrics(labels.ravel(), classes)["nmi"]
+          for name, labels in (("l2", plain_labels), ("labeller", labeller.labels[0]))}
 
 
 def layer_knn(restored, data, names, ks):
@@ -55,7 +77,9 @@ def layer_knn(restored, data, names, ks):
   for name in names:
     result = knn_lib.weighted_knn(values["train"][name], data.train_truth.labels, values["test"][name],
                                   num_classes=data.num_classes, ks=ks)
-    results[name] = (values["train"][name].shape[1], result.accuracy(data.test_truth.labels))
+    nmi = (cluster_nmi(values["train"][name], data.train_truth.labels, data.num_classes)
+           if FLAGS.cluster_nmi else None)
+    results[name] = (values["train"][name].shape[1], result.accuracy(data.test_truth.labels), nmi)
   return results
 
 
@@ -68,9 +92,11 @@ def main(argv):
     restored = run_dir_lib.restore(FLAGS.run_dir, random_init=random_init)
     data = train.build_evaluation_data(restored.config, restored.model.image_shape[0])
     results = layer_knn(restored, data, FLAGS.layers, ks)
-    for name, (dim, accuracy) in results.items():
+    for name, (dim, accuracy, nmi) in results.items():
       print(f"{'untrained' if random_init else 'trained':<10} {name:<12} {dim:>6}-d  "
-            + " / ".join(f"{100 * accuracy[k]:.2f}" for k in ks), flush=True)
+            + " / ".join(f"{100 * accuracy[k]:.2f}" for k in ks)
+            + (f"   K-means NMI: L2-normalised {nmi['l2']:.3f}, labeller's whitened PCA {nmi['labeller']:.3f}"
+               if nmi else ""), flush=True)
     print(f"({time.perf_counter() - start:.0f} s)")
     del restored, data, results
     keras.backend.clear_session()

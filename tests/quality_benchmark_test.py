@@ -1,5 +1,6 @@
 """benchmarks/quality.py reads the flagfile under test as bin/train does (the pixel row's data, Table 8)."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -62,3 +63,20 @@ def test_budget_configs_are_the_default_job_but_for_their_budget(quality, config
   differ = {name for name in train.TrainConfig.__dataclass_fields__
             if getattr(default, name) != getattr(other, name)}
   assert differ == budget_flags | {"run_dir"}
+
+
+def test_each_training_row_differs_from_the_config_only_in_its_labelling(quality):
+  """sela_sk_only labels with Sinkhorn-Knopp at step 0 too (balanced exactly), kmeans with K-means at every
+  labelling, supervised with the classes: nothing else of the recipe under test changes."""
+  path = os.path.join(ROOT, "configs", "fashion_mnist_table8.cfg")
+  base = quality.config_of(path, [], "none", 0)
+  expected = {"sela": {},
+              "sela_sk_only": {"cold_start_labeller": "same", "labeller_cold_start_balance": "exact"},
+              "kmeans": {"labeller": "kmeans"},
+              "supervised": {"supervised": True}}
+  assert set(quality._TRAIN_FLAGS) == set(expected)
+  for row, changed in expected.items():
+    config = quality.config_of(path, quality._TRAIN_FLAGS[row], "none", 0)
+    differs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(base, f.name)}
+    assert differs == changed, row
