@@ -49,7 +49,8 @@ def activations_of(backbone, names):
 
 
 def cluster_nmi(values, classes, num_classes):
-  """NMI of K-means (K = num_classes) on the L2-normalised rows, and on the K-means labeller's preprocessing."""
+  """NMI of K-means (K = num_classes) on the L2-normalised rows, and through the K-means labeller's
+  preprocessing."""
   import faiss  # pylint: disable=g-import-not-at-top
   from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
   from selabel_tf.evaluation import cluster_metrics  # pylint: disable=g-import-not-at-top

@@ -3,10 +3,10 @@ network and raw pixels, on the full and the imbalanced train sets (paper Table 8
 
 For every --imbalance (none: the full train set; light; heavy) it runs, one after another:
   sela        bin/train --flagfile=F                       (the Sinkhorn-Knopp labeller)
-  sela_sk_only  the same with --cold_start_labeller=same --labeller_cold_start_balance=exact: Sinkhorn-Knopp
-              at every labelling, the first one too (F's K-means cold start otherwise gives the sela and
-              kmeans rows the same first labelling, so at a budget of few labellings they share much of
-              their training)
+  sela_sk_only  only when --rows names it: the same with --cold_start_labeller=same
+              --labeller_cold_start_balance=exact, Sinkhorn-Knopp at every labelling, the first one too
+              (F's K-means cold start otherwise gives the sela and kmeans rows the same first labelling, so
+              at a budget of few labellings they share much of their training)
   kmeans      bin/train --flagfile=F --labeller=kmeans     (Table 8's K-means labeller, same budget)
   supervised  bin/train --flagfile=F --supervised          (one head on the class labels, same budget)
   random_init bin/evaluate --run_dir=<sela> --random_init  (the same network, untrained)
@@ -42,13 +42,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ROWS = ("sela", "sela_sk_only", "kmeans", "supervised", "random_init", "pixels")
-_TRAIN_FLAGS = {"sela": [], "sela_sk_only": ["--cold_start_labeller=same", "--labeller_cold_start_balance=exact"],
+_TRAIN_FLAGS = {"sela": [],
+                "sela_sk_only": ["--cold_start_labeller=same", "--labeller_cold_start_balance=exact"],
                 "kmeans": ["--labeller=kmeans"], "supervised": ["--supervised"]}
 
 flags.DEFINE_string("flagfile_under_test", "configs/fashion_mnist_table8.cfg",
                     "The bin/train flagfile of every run (default: Table 8 at <= 3 units per run).")
 flags.DEFINE_list("imbalance", ["none", "light", "heavy"], "Train sets: none (full), light, heavy.")
-flags.DEFINE_list("rows", [row for row in ROWS if row != "sela_sk_only"], f"Which of {ROWS} to run.")
+flags.DEFINE_list("rows", [row for row in ROWS if row != "sela_sk_only"],
+                  f"Which of {ROWS} to run (default: all but sela_sk_only).")
 flags.DEFINE_multi_string("extra", [], "An extra bin/train flag for every run (repeat for more).")
 flags.DEFINE_string("out_dir", "runs/quality", "Where the run directories go.")
 flags.DEFINE_integer("seed", 0, "--seed of every run.")
