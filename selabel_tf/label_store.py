@@ -88,9 +88,10 @@ class FeatureFile:
 
   def _reserve(self, directory):
     """Takes the file's disk space now, so that a full disk fails here, not in the middle of a pass."""
+    if not hasattr(os, "posix_fallocate"):  # e.g. macOS: grow on write
+      os.ftruncate(self._file.fileno(), self.nbytes)
+      return
     try:
-      if not hasattr(os, "posix_fallocate"):  # e.g. macOS: grow on write
-        raise OSError(errno.EOPNOTSUPP, "posix_fallocate")
       os.posix_fallocate(self._file.fileno(), 0, self.nbytes)
     except OSError as e:
       if e.errno == errno.ENOSPC:
@@ -147,9 +148,9 @@ class FeatureFile:
     self._file.close()
 
   @classmethod
-  def allocator(cls, directory: str, **kwargs):
+  def allocator(cls, directory: str):
     """`(shape, dtype) -> FeatureFile` in `directory`: the `allocate` of `inference.IndexedPass`."""
-    return lambda shape, dtype: cls(directory, shape, dtype, **kwargs)
+    return lambda shape, dtype: cls(directory, shape, dtype)
 
 
 def _head_log_probs(features, kernel, bias, matmul_dtype):
