@@ -32,6 +32,8 @@ def define_flags():
   flags.DEFINE_string("architecture", "alexnet_small", "Backbone.")
   flags.DEFINE_string("heads", "10,10,64,64", "SeLa heads (as configs/fashion_mnist.cfg).")
   flags.DEFINE_bool("fc_batchnorm", True, "AlexNet: BatchNorm in the fc trunk (as bin/train's default).")
+  flags.DEFINE_float("fc_dropout", backbones.ALEXNET_DROPOUT, "AlexNet: dropout rate before fc6 and fc7 (as "
+                     "bin/train's default).")
   flags.DEFINE_integer("batch_size", 256, "Global batch size.")
   flags.DEFINE_integer("epochs", 4, "Epochs of the default schedule (labelling is amortised over them; as "
                        "configs/fashion_mnist.cfg).")
@@ -71,14 +73,16 @@ def main(argv):
   labels = tf.constant(truth.labels[:num_examples])
   supervised_ds = train.map(lambda b: (b["image"], tf.gather(labels, b["index"])))
   images = keras.Input(shape)
-  features = backbones.build_backbone(f.architecture, shape, fc_batchnorm=f.fc_batchnorm)(images)["features"]
+  features = backbones.build_backbone(f.architecture, shape, fc_batchnorm=f.fc_batchnorm,
+                                      fc_dropout=f.fc_dropout)(images)["features"]
   supervised = keras.Model(images, heads_lib.MultiHead((truth.num_classes,))(features)[0])
   supervised.compile(keras.optimizers.SGD(0.03, momentum=0.9),
                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
   # SeLa: T heads, self-labels by index; labelling amortised: nopts / epochs labellings per epoch.
   num_clusters = heads_lib.parse_heads(f.heads)
-  model = SelaModel(f.architecture, shape, num_clusters, num_examples, fc_batchnorm=f.fc_batchnorm)
+  model = SelaModel(f.architecture, shape, num_clusters, num_examples, fc_batchnorm=f.fc_batchnorm,
+                    fc_dropout=f.fc_dropout)
   model.build()
   model.compile_for_self_labelling(keras.optimizers.SGD(0.03, momentum=0.9))
   policy = f.label_pass_precision

@@ -86,6 +86,9 @@ class TrainConfig:
   fc_batchnorm: bool = option(True, "AlexNet: BatchNorm between fc6/fc7 and their ReLU, like the conv "
                               "layers' (the official AlexNet has none there; measured in the README's "
                               "Quality section). ResNets have no fc trunk and ignore it.", group=_MODEL)
+  fc_dropout: float = option(backbones.ALEXNET_DROPOUT, "AlexNet: rate of the dropout before fc6 and fc7, "
+                             "in [0, 1) (the official AlexNet's 0.5; measured in the README's Quality "
+                             "section). ResNets have no fc trunk and ignore it.", group=_MODEL)
   supervised: bool = option(False, "Train one head on the dataset's class labels instead of self-labels, "
                             "through the same train step and evaluation (the supervised reference of "
                             "paper Table 8; --heads and the self-labelling flags are not used).",
@@ -213,6 +216,7 @@ class TrainConfig:
       raise ConfigError(f"--heads: {e}") from None
     checks = [
         (self.lam > 0 and math.isfinite(self.lam), f"--lam={self.lam} must be > 0"),
+        (0 <= self.fc_dropout < 1, f"--fc_dropout={self.fc_dropout} must be in [0, 1) (0: no dropout)"),
         (self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
         (self.train_subset >= 0, f"--train_subset={self.train_subset} must be >= 0 (0: all examples)"),
         (self.eval_subset >= 0, f"--eval_subset={self.eval_subset} must be >= 0 (0: all examples)"),
@@ -274,9 +278,11 @@ class TrainConfig:
   def build_model(self, image_shape, num_examples: int, num_classes: Optional[int] = None,
                   name: str = "sela") -> SelaModel:
     """The run's SelaModel, unbuilt, in the current strategy scope (one home for its arguments)."""
+    fc_trunk = backbones.has_fc_trunk(self.architecture)
     return SelaModel(self.architecture, image_shape, self.head_sizes(num_classes), num_examples,
                      label_seed=self.seed,
-                     fc_batchnorm=self.fc_batchnorm and backbones.has_fc_trunk(self.architecture), name=name)
+                     fc_batchnorm=self.fc_batchnorm and fc_trunk,
+                     fc_dropout=self.fc_dropout if fc_trunk else backbones.ALEXNET_DROPOUT, name=name)
 
   def label_batch(self) -> int:
     """The label pass's global batch: --label_batch_size, or 4 x --batch_size."""

@@ -222,6 +222,43 @@ def test_fc_batchnorm_normalises_fc6_and_fc7_before_their_relu():
   assert np.abs(normalised.std(0) - 1).max() < 0.01
 
 
+def _dropout_rates(model):
+  return {layer.name: layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)}
+
+
+def test_fc_dropout_sets_the_rate_of_both_fc_dropouts_and_nothing_else():
+  keras.utils.set_random_seed(0)
+  official = backbones.build_backbone("alexnet_small", (28, 28, 1), fc_batchnorm=True)
+  keras.utils.set_random_seed(0)
+  off = backbones.build_backbone("alexnet_small", (28, 28, 1), fc_batchnorm=True, fc_dropout=0.0)
+  assert _dropout_rates(official) == {"fc6_dropout": 0.5, "fc7_dropout": 0.5}
+  assert _dropout_rates(off) == {"fc6_dropout": 0.0, "fc7_dropout": 0.0}
+  # The same layers and weights (a rate-0 Dropout draws no seed, so the fc initial values differ).
+  assert [layer.name for layer in off.layers] == [layer.name for layer in official.layers]
+  assert [w.shape for w in off.weights] == [w.shape for w in official.weights]
+  off.set_weights(official.get_weights())
+  # With the same weights the two agree where no dropout acts (inference); in training mode the
+  # official network's fc7 changes from call to call (dropout), at rate 0 it does not.
+  images = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
+  np.testing.assert_allclose(off(images)["features"], official(images)["features"], rtol=1e-6, atol=1e-6)
+  first, second = (np.asarray(off(images, training=True)["features"]) for _ in range(2))
+  np.testing.assert_array_equal(first, second)
+  dropped = [np.asarray(official(images, training=True)["features"]) for _ in range(2)]
+  assert not np.array_equal(*dropped)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_fc_dropout_outside_0_1_is_refused(rate):
+  with pytest.raises(ValueError, match=rf"fc_dropout must be in \[0, 1\), got {rate}"):
+    backbones.build_backbone("alexnet_small", (28, 28, 1), fc_dropout=rate)
+
+
+def test_fc_dropout_is_refused_for_a_resnet():
+  with pytest.raises(ValueError, match="fc_dropout applies to the AlexNet backbones.*'resnet18'"):
+    backbones.build_backbone("resnet18", (32, 32, 3), fc_dropout=0.0)
+  backbones.build_backbone("resnet18", (32, 32, 3), fc_dropout=backbones.ALEXNET_DROPOUT)  # the default
+
+
 def test_fc_batchnorm_is_refused_for_a_resnet():
   with pytest.raises(ValueError, match="fc_batchnorm applies to the AlexNet backbones.*'resnet18'"):
     backbones.build_backbone("resnet18", (32, 32, 3), fc_batchnorm=True)

@@ -83,6 +83,34 @@ def test_a_run_written_before_fc_batchnorm_existed_is_rebuilt_without_it():
   assert run_dir_lib.config_from_dict({**old, "fc_batchnorm": True}).fc_batchnorm is True
 
 
+def test_fc_dropout_reaches_the_model_and_its_twin_and_is_ignored_by_resnet():
+  model = train.TrainConfig(heads="5,7", fc_dropout=0.0).build_model((28, 28, 1), 40)
+  model.build()
+  assert model.fc_dropout == 0.0
+  assert [model.backbone.get_layer(f"{fc}_dropout").rate for fc in ("fc6", "fc7")] == [0.0, 0.0]
+  twin = model.label_pass_twin("mixed_bfloat16")
+  assert twin.fc_dropout == 0.0 and twin.backbone.get_layer("fc7_dropout").rate == 0.0
+  default = train.TrainConfig(heads="5,7").build_model((28, 28, 1), 40)
+  assert default.fc_dropout == 0.5 and default.backbone.get_layer("fc6_dropout").rate == 0.5
+  resnet = train.TrainConfig(heads="5", architecture="resnet18", fc_dropout=0.0).build_model((32, 32, 3), 40)
+  assert resnet.fc_dropout == 0.5  # no fc trunk: the flag is ignored
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.0])
+def test_fc_dropout_outside_0_1_is_a_config_error(rate):
+  message = rf"^--fc_dropout={rate} must be in \[0, 1\) \(0: no dropout\)$"
+  with pytest.raises(train.ConfigError, match=message):
+    train.TrainConfig(fc_dropout=rate).validate()
+
+
+def test_a_run_written_before_fc_dropout_existed_is_rebuilt_with_the_official_rate():
+  from selabel_tf.evaluation import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top
+  old = json.loads(train.TrainConfig().to_json())
+  del old["fc_dropout"]
+  assert run_dir_lib.config_from_dict(old).fc_dropout == 0.5
+  assert run_dir_lib.config_from_dict({**old, "fc_dropout": 0.0}).fc_dropout == 0.0
+
+
 def test_label_state_is_checkpointed_with_the_model(tmp_path):
   model = SelaModel("alexnet_small", (28, 28, 1), (5,), 30, name="sela")
   model.build()
@@ -210,6 +238,7 @@ def test_the_knn_reads_the_backbones_embedding_unless_a_layer_is_named(architect
     (["--cold_start_labeller=spectral"], "--cold_start_labeller=spectral: value should be one of"),
     (["--labeller=kmeans", "--cold_start_labeller=sinkhorn"], "--cold_start_labeller=sinkhorn with --labeller=kmeans"),
     (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
+    (["--fc_dropout=1"], "--fc_dropout=1.0 must be in [0, 1) (0: no dropout)"),
     (["--eval_subset=-5"], "--eval_subset=-5 must be >= 0"),
     (["--label_store=features", "--label_passes=2"], "--label_store=features keeps one pass's features; "
      "--label_passes=2 averages log-probabilities"),

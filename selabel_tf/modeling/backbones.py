@@ -30,7 +30,8 @@ The input size picks the variant, from the shorter side S = min(H, W):
   max-pool 3/2, conv2 5x5 pad 2, max-pool 3/2, conv3-5 3x3 pad 1, max-pool 3/2: 6x6x256 at 224 px.
   Every conv keeps its bias and is followed by BatchNorm and ReLU, as the official; the trunk is
   Dropout(0.5), fc6 (4096), ReLU, Dropout(0.5), fc7 (4096), ReLU, with no BatchNorm
-  (`fc_batchnorm=True` adds one before each of the two ReLUs). ResNet: conv
+  (`fc_batchnorm=True` adds one before each of the two ReLUs; `fc_dropout` sets the rate of the two
+  dropouts). ResNet: conv
   7x7/2, BN, ReLU, max-pool 3/2, four stages (the stride-2 of a bottleneck on its 3x3 conv, as
   torchvision), block4 7x7 at 224 px.
 * `MIN_INPUT_SIZE` (16) <= S < 128: small-input variants for CIFAR/MNIST-sized images (64 and 96 px
@@ -83,7 +84,7 @@ _ALEXNET_WIDTHS = {
 }
 _ALEXNET_POOLED = ("conv1", "conv2", "conv5")  # a 3/2 max-pool follows these
 _ALEXNET_FC_UNITS = 4096
-_ALEXNET_DROPOUT = 0.5
+ALEXNET_DROPOUT = 0.5  # the official AlexNet's, before fc6 and fc7
 _RESNET_UNITS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 _RESNET_BOTTLENECK = {"resnet18": False, "resnet50": True}
 _BOTTLENECK_EXPANSION = 4
@@ -126,7 +127,8 @@ def has_fc_trunk(name: str) -> bool:
   return name.startswith("alexnet")
 
 
-def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = False) -> keras.Model:
+def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = False,
+                   fc_dropout: float = ALEXNET_DROPOUT) -> keras.Model:
   """Builds a backbone (see the module docstring for the architectures).
 
   Args:
@@ -135,6 +137,9 @@ def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = F
       (>= 128 px) or the small-input (16-127 px) variant.
     fc_batchnorm: AlexNet: a BatchNorm between fc6 (and fc7) and its ReLU, like the conv layers' (the
       official AlexNet has none there). ResNets have no fc trunk: True is refused.
+    fc_dropout: AlexNet: the rate of the Dropout before fc6 and before fc7, in [0, 1) (the official
+      0.5; at 0 the layers stay and pass their input through). ResNets have no fc trunk: a rate other
+      than the official is refused.
 
   Returns:
     A functional `keras.Model` named `name`, from images float [B, H, W, C] to a dict: one activation
@@ -142,18 +147,23 @@ def build_backbone(name: str, input_shape: Sequence[int], fc_batchnorm: bool = F
     [B, D] with D = 4096 (AlexNet), 512 (ResNet-18) or 2048 (ResNet-50).
 
   Raises:
-    ValueError: on an unknown `name`, or an `input_shape` that is not (H, W, C) with C in {1, 3} and
-      H, W >= `MIN_INPUT_SIZE`.
+    ValueError: on an unknown `name`, an `input_shape` that is not (H, W, C) with C in {1, 3} and
+      H, W >= `MIN_INPUT_SIZE`, or an `fc_dropout` outside [0, 1).
   """
   _check_name(name)
   if fc_batchnorm and not has_fc_trunk(name):
     raise ValueError(f"fc_batchnorm applies to the AlexNet backbones (their fc6/fc7 trunk); {name!r} "
                      f"has none")
+  if not 0 <= fc_dropout < 1:
+    raise ValueError(f"fc_dropout must be in [0, 1), got {fc_dropout!r}")
+  if fc_dropout != ALEXNET_DROPOUT and not has_fc_trunk(name):
+    raise ValueError(f"fc_dropout applies to the AlexNet backbones (their fc6/fc7 trunk); {name!r} "
+                     f"has none")
   input_shape = _check_input_shape(input_shape)
   imagenet = input_variant(input_shape) == "imagenet"
   images = keras.Input(shape=input_shape, name="images")
   if name.startswith("alexnet"):
-    outputs = _alexnet(images, _ALEXNET_WIDTHS[name], imagenet, fc_batchnorm)
+    outputs = _alexnet(images, _ALEXNET_WIDTHS[name], imagenet, fc_batchnorm, fc_dropout)
   else:
     outputs = _resnet(images, _RESNET_UNITS[name], _RESNET_BOTTLENECK[name], imagenet)
   return keras.Model(images, outputs, name=name)
@@ -203,7 +213,7 @@ def _conv_bn(x, filters, kernel, stride, padding, name, use_bias=False, relu=Tru
 # AlexNet.
 
 
-def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTensor]:
+def _alexnet(images, widths, imagenet, fc_batchnorm, fc_dropout) -> Dict[str, keras.KerasTensor]:
   """Layers conv{i}_{pad,conv,bn,relu}, pool{i}, flatten, fc{6,7}_{dropout,[bn,]relu}, fc6, fc7, features;
   outputs conv1..conv5, pool5 (the last max-pool's output) and features."""
   if imagenet:
@@ -223,7 +233,7 @@ def _alexnet(images, widths, imagenet, fc_batchnorm) -> Dict[str, keras.KerasTen
   # Keras flattens (h, w, c) where PyTorch flattens (c, h, w): a permutation of fc6's rows.
   x = keras.layers.Flatten(name="flatten")(x)
   for name in ("fc6", "fc7"):
-    x = keras.layers.Dropout(_ALEXNET_DROPOUT, name=f"{name}_dropout")(x)
+    x = keras.layers.Dropout(fc_dropout, name=f"{name}_dropout")(x)
     x = keras.layers.Dense(_ALEXNET_FC_UNITS, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
                            name=name)(x)
     if fc_batchnorm:

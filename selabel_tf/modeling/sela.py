@@ -99,21 +99,24 @@ class SelaModel(keras.Model):
   """Backbone + T heads, trained with cross-entropy against its own `label_state`.
 
   Inputs of `fit`: dicts {"index": int [B], "image": float [B, H, W, C]} (see selabel_tf.data.pipeline).
-  `label_seed` seeds the initial random equipartition labels (`initial_labels`); `fc_batchnorm` is
-  `backbones.build_backbone`'s.
+  `label_seed` seeds the initial random equipartition labels (`initial_labels`); `fc_batchnorm` and
+  `fc_dropout` are `backbones.build_backbone`'s.
   `call(images)` returns the list of T logits [B, K_t], float32.
   """
 
   def __init__(self, architecture: str, image_shape: Sequence[int], num_clusters: Sequence[int],
-               num_examples: int, label_seed: int = 0, fc_batchnorm: bool = False, **kwargs):
+               num_examples: int, label_seed: int = 0, fc_batchnorm: bool = False,
+               fc_dropout: float = backbones.ALEXNET_DROPOUT, **kwargs):
     super().__init__(**kwargs)
     self.fc_batchnorm = bool(fc_batchnorm)
+    self.fc_dropout = float(fc_dropout)
     self.label_seed = int(label_seed)
     self.architecture = architecture
     self.image_shape = tuple(int(d) for d in image_shape)
     self.num_clusters = tuple(int(k) for k in num_clusters)
     self.num_examples = int(num_examples)
-    self.backbone = backbones.build_backbone(architecture, self.image_shape, fc_batchnorm=self.fc_batchnorm)
+    self.backbone = backbones.build_backbone(architecture, self.image_shape, fc_batchnorm=self.fc_batchnorm,
+                                             fc_dropout=self.fc_dropout)
     self.heads = heads_lib.MultiHead(self.num_clusters, name="heads")
     self.label_state = SelfLabelState(self.num_examples, self.num_clusters, seed=self.label_seed,
                                       name="label_state")
@@ -254,4 +257,5 @@ class SelaModel(keras.Model):
   def get_config(self):
     return {"architecture": self.architecture, "image_shape": list(self.image_shape),
             "num_clusters": list(self.num_clusters), "num_examples": self.num_examples,
-            "label_seed": self.label_seed, "fc_batchnorm": self.fc_batchnorm, "name": self.name}
+            "label_seed": self.label_seed, "fc_batchnorm": self.fc_batchnorm,
+            "fc_dropout": self.fc_dropout, "name": self.name}
