@@ -233,7 +233,7 @@ def test_fc_dropout_sets_the_rate_of_both_fc_dropouts_and_nothing_else():
   off = backbones.build_backbone("alexnet_small", (28, 28, 1), fc_batchnorm=True, fc_dropout=0.0)
   assert _dropout_rates(official) == {"fc6_dropout": 0.5, "fc7_dropout": 0.5}
   assert _dropout_rates(off) == {"fc6_dropout": 0.0, "fc7_dropout": 0.0}
-  # The same layers and weights (a rate-0 Dropout draws no seed, so the fc initial values differ).
+  # The same layers and weight shapes (a rate-0 Dropout draws no seed, so the fc initial values differ).
   assert [layer.name for layer in off.layers] == [layer.name for layer in official.layers]
   assert [w.shape for w in off.weights] == [w.shape for w in official.weights]
   off.set_weights(official.get_weights())
