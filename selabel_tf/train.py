@@ -31,6 +31,7 @@ from selabel_tf import files
 from selabel_tf import label_store as label_store_lib
 from selabel_tf import labels as labels_lib
 from selabel_tf import labeller as labeller_lib
+from selabel_tf import precision
 from selabel_tf import schedule as schedule_lib
 from selabel_tf.data import augment
 from selabel_tf.data import pipeline
@@ -45,7 +46,6 @@ from selabel_tf.modeling.sela import SelaModel
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-LABEL_PASS_PRECISIONS = ("model", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 class ConfigError(ValueError):
@@ -122,9 +122,11 @@ class TrainConfig:
   label_batch_size: int = option(0, "Global batch of the label pass (inference only; 0: 4 x --batch_size).",
                                  group=_LABELLING)
   label_pass_precision: str = option(
-      "model", "Dtype policy of the label pass: model (the training one), or a twin of the model in "
-      "float32/mixed_bfloat16/mixed_float16 with the weights copied in before each pass.",
-      choices=LABEL_PASS_PRECISIONS, group=_LABELLING)
+      "model", "Dtype policy of the label pass: model (the training one), a twin of the model in "
+      "float32/mixed_bfloat16/mixed_float16 with the weights copied in before each pass, or auto: the "
+      "mixed policy the devices have fast units for (bfloat16 on CPUs with AVX512_BF16 or AMX, TPUs and "
+      "GPUs from compute capability 8.0; float16 on 7.x GPUs), else model.",
+      choices=precision.LABEL_PASS_PRECISIONS, group=_LABELLING)
   labeller: str = option("sinkhorn", "sinkhorn (the paper) or kmeans (Table 8's baseline: K-means per "
                          "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
                          group=_LABELLING)
@@ -619,7 +621,7 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, inputs.steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay)
     model.compile_for_self_labelling(optimizer)
-    label_model = model.label_pass_twin(config.label_pass_precision)
+    label_model = model.label_pass_twin(precision.label_pass_policy(config.label_pass_precision, strategy))
   if inputs.fixed_labels is not None:  # the class labels or the file's: never relabelled
     model.label_state.assign(inputs.fixed_labels, [np.zeros(k) for k in num_clusters])
   return model, label_model

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from selabel_tf import precision
 from selabel_tf import schedule
 from selabel_tf import train
 from selabel_tf.modeling.sela import SelaModel
@@ -94,6 +95,21 @@ def test_fc_dropout_reaches_the_model_and_its_twin_and_is_ignored_by_resnet():
   assert default.fc_dropout == 0.5 and default.backbone.get_layer("fc6_dropout").rate == 0.5
   resnet = train.TrainConfig(heads="5", architecture="resnet18", fc_dropout=0.0).build_model((32, 32, 3), 40)
   assert resnet.fc_dropout == 0.5  # no fc trunk: the flag is ignored
+
+
+@pytest.mark.parametrize("cpu_flags, twin_policy", [({"avx2", "avx512_bf16"}, "mixed_bfloat16"), ({"avx2"}, None)])
+def test_auto_label_pass_precision_builds_a_bfloat16_twin_where_the_cpu_has_bfloat16_units(
+    monkeypatch, tiny_npz, tmp_path, cpu_flags, twin_policy):
+  monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset(cpu_flags))
+  config = train.TrainConfig(dataset=tiny_npz, run_dir=str(tmp_path / "run"), heads="4", batch_size=16,
+                             label_pass_precision="auto")
+  strategy = tf.distribute.get_strategy()
+  model, twin = train.build_model(config, train.build_inputs(config, strategy), strategy)
+  assert model.dtype_policy.name == "float32"
+  if twin_policy is None:
+    assert twin is None  # the label pass runs on the float32 model itself
+  else:
+    assert twin.dtype_policy.name == twin_policy
 
 
 @pytest.mark.parametrize("rate", [-0.5, 1.0])
