@@ -91,9 +91,10 @@ def main(argv):
   policies = f.label_pass_precision
   per_epoch = f.nopts / f.epochs
   label_pass = lambda p: pipeline.label_pass_dataset(dataset, config, batch_size=4 * batch, seed=0, pass_index=p)
-  callbacks = []
+  callbacks, resolved = [], []
   for policy in policies:
-    label_model = model.label_pass_twin(precision.label_pass_policy(policy, tf.distribute.get_strategy()))
+    resolved.append(precision.label_pass_policy(policy, tf.distribute.get_strategy(), f.mixed_precision))
+    label_model = model.label_pass_twin(resolved[-1])
     callback = callbacks_lib.SelfLabelCallback(label_pass, num_examples, 10.0, steps=[], verbose=0,
                                                label_model=label_model)
     callback.set_model(model)
@@ -133,11 +134,12 @@ def main(argv):
         f"{' '.join(f'{t:.1f}' for t in sela_times)}")
   print(f"supervised fit (1 head, ground truth): {supervised_seconds:.1f} s/epoch")
   print(f"SeLa training steps: {sela_train_seconds:.1f} s/epoch")
-  for policy, seconds, first, times in zip(policies, labelling_seconds, first_seconds, labelling_times):
+  names = [p if p == r else f"{p} ({r})" for p, r in zip(policies, resolved)]
+  for policy, seconds, first, times in zip(names, labelling_seconds, first_seconds, labelling_times):
     print(f"one self-labelling (label pass in {policy} + Sinkhorn): {seconds:.1f} s (rounds "
           f"{' '.join(f'{t:.1f}' for t in times)}; the first of a run: {first:.1f} s)")
   print(f"labellings per epoch: {per_epoch:g} at nopts={f.nopts} over {f.epochs} epochs, the label pass in "
-        f"{policies[0]}")
+        f"{names[0]}")
   print(f"SeLa epoch with labelling amortised: {sela_seconds:.1f} s = "
         f"{sela_seconds / supervised_seconds:.2f} x the supervised epoch (target <= 1.15)")
   print(f"train step: {step_rate:.0f} images/s; input pipeline alone: {pipeline_rate:.0f} images/s = "

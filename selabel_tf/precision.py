@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from selabel_tf import distribution
 
+logger = logging.getLogger(__name__)
+
 # x86 CPU flags (Linux /proc/cpuinfo) of bfloat16 matrix instructions that oneDNN uses.
 CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The choices of --label_pass_precision: "model" (the training policy), a Keras dtype policy, or "auto".
@@ -39,9 +41,10 @@ def gpu_compute_capabilities() -> Tuple[Tuple[int, int], ...]:
 def fast_mixed_policy(device_type: str, cpu: Optional[FrozenSet[str]] = None,
                       gpus: Optional[Sequence[Tuple[int, int]]] = None) -> Optional[str]:
   """The mixed-precision Keras policy with fast matrix units on `device_type` ("CPU", "GPU", "TPU"), or
-  None where float32 is as fast: TPU and Ampere+ GPUs mixed_bfloat16, Volta/Turing GPUs mixed_float16,
-  CPUs mixed_bfloat16 where they have one of CPU_BFLOAT16_FLAGS. `cpu` and `gpus` default to this
-  machine's (`cpu_flags()`, `gpu_compute_capabilities()`)."""
+  None where float32 is as fast: TPU and Ampere+ GPUs mixed_bfloat16, Volta/Turing GPUs mixed_float16
+  (the slowest GPU decides), CPUs mixed_bfloat16 where they have one of CPU_BFLOAT16_FLAGS, other
+  device types (pluggable ones) None. `cpu` and `gpus` default to this machine's (`cpu_flags()`,
+  `gpu_compute_capabilities()`)."""
   if device_type == "TPU":
     return "mixed_bfloat16"
   if device_type == "GPU":
@@ -53,18 +56,22 @@ def fast_mixed_policy(device_type: str, cpu: Optional[FrozenSet[str]] = None,
   if device_type == "CPU":
     cpu = cpu_flags() if cpu is None else cpu
     return "mixed_bfloat16" if any(flag in cpu for flag in CPU_BFLOAT16_FLAGS) else None
-  raise ValueError(f"device_type={device_type!r} must be one of CPU, GPU, TPU")
+  return None
 
 
-def label_pass_policy(precision: str, strategy: tf.distribute.Strategy) -> str:
+def label_pass_policy(precision: str, strategy: tf.distribute.Strategy, mixed_training: bool = False) -> str:
   """The dtype policy of the label pass for --label_pass_precision=`precision` (one of
   LABEL_PASS_PRECISIONS): "auto" is the fast mixed policy of the strategy's devices, or "model" (the
-  training policy) where there is none; the others are returned as they are."""
+  training policy) where there is none or where training is already in mixed precision
+  (`mixed_training`); the others are returned as they are.
+
+  Each process resolves "auto" on its own hardware: workers of different kinds should be given a policy."""
   if precision not in LABEL_PASS_PRECISIONS:
     raise ValueError(f"label pass precision {precision!r} must be one of {', '.join(LABEL_PASS_PRECISIONS)}")
   if precision != "auto":
     return precision
   kind = distribution.device_type(strategy)
-  policy = fast_mixed_policy(kind) or "model"
-  logging.info("--label_pass_precision=auto: %s on %s", policy, kind)
+  policy = "model" if mixed_training else fast_mixed_policy(kind) or "model"
+  logger.info("--label_pass_precision=auto: %s on %s%s", policy, kind,
+              " (training in mixed precision)" if mixed_training else "")
   return policy

@@ -431,6 +431,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
   previous_policy = keras.mixed_precision.global_policy()
   try:
     strategy = build_strategy(config, strategy)
+    config = resolve_label_pass_precision(config, strategy)
     inputs = build_inputs(config, strategy, data)
     chief = strategy.extended.should_checkpoint
     if chief:
@@ -450,6 +451,14 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
     return metrics
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def resolve_label_pass_precision(config: TrainConfig, strategy: tf.distribute.Strategy) -> TrainConfig:
+  """`config` with --label_pass_precision=auto replaced by the policy it means on the strategy's devices
+  (`precision.label_pass_policy`), so that config.json records what ran: a run resumed on hardware where
+  auto means another policy is refused (prepare_run_dir), as any other change to its training."""
+  return dataclasses.replace(config, label_pass_precision=precision.label_pass_policy(
+      config.label_pass_precision, strategy, config.mixed_precision))
 
 
 def build_strategy(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None):
@@ -621,7 +630,8 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, inputs.steps_per_epoch),
                                      momentum=config.momentum, weight_decay=config.weight_decay)
     model.compile_for_self_labelling(optimizer)
-    label_model = model.label_pass_twin(precision.label_pass_policy(config.label_pass_precision, strategy))
+    label_model = model.label_pass_twin(precision.label_pass_policy(config.label_pass_precision, strategy,
+                                                                    config.mixed_precision))
   if inputs.fixed_labels is not None:  # the class labels or the file's: never relabelled
     model.label_state.assign(inputs.fixed_labels, [np.zeros(k) for k in num_clusters])
   return model, label_model

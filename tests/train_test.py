@@ -103,13 +103,29 @@ def test_auto_label_pass_precision_builds_a_bfloat16_twin_where_the_cpu_has_bflo
   monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset(cpu_flags))
   config = train.TrainConfig(dataset=tiny_npz, run_dir=str(tmp_path / "run"), heads="4", batch_size=16,
                              label_pass_precision="auto")
-  strategy = tf.distribute.get_strategy()
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   model, twin = train.build_model(config, train.build_inputs(config, strategy), strategy)
   assert model.dtype_policy.name == "float32"
   if twin_policy is None:
     assert twin is None  # the label pass runs on the float32 model itself
   else:
     assert twin.dtype_policy.name == twin_policy
+
+
+def test_config_json_records_what_auto_resolved_to_and_a_resume_where_it_differs_is_refused(
+    monkeypatch, tmp_path):
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  config = train.TrainConfig(run_dir=str(tmp_path / "run"), label_pass_precision="auto")
+  monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx512_bf16"}))
+  resolved = train.resolve_label_pass_precision(config, strategy)
+  assert resolved.label_pass_precision == "mixed_bfloat16" and config.label_pass_precision == "auto"
+  train.prepare_run_dir(resolved)
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["label_pass_precision"] == "mixed_bfloat16"
+  train.prepare_run_dir(train.resolve_label_pass_precision(config, strategy))  # same hardware: resumes
+  monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
+  with pytest.raises(train.ConfigError, match=r"differs in --label_pass_precision\)"):
+    train.prepare_run_dir(train.resolve_label_pass_precision(config, strategy))
 
 
 @pytest.mark.parametrize("rate", [-0.5, 1.0])
