@@ -70,11 +70,19 @@ class SelfLabelCallback(keras.callbacks.Callback):
       DeepCluster-style, see `selabel_tf.kmeans`; the model must have a `features(images)` method
       returning a dict with "features", as `SelaModel` does; `lam` is not used).
     labeller_options: keyword arguments for `labeller.assign_labels` (tol, max_iters, balance, seed,
-      storage_dtype, ...), or for `kmeans.assign_labels_kmeans` (pca_dim, num_iterations, seed).
+      storage_dtype, ...), or for `kmeans.assign_labels_kmeans` (preprocessing, pca_dim,
+      num_iterations, seed).
+    kmeans_layer: the key of `model.features(images)` that K-means reads (the K-means labeller and
+      cold start), flattened per example: "features" (the default: the vector the heads read) or,
+      for `SelaModel`, a probe layer such as the backbone's embedding
+      (`backbones.embedding_layer(architecture)`, "pool5" for AlexNet).
     cold_start_labeller: the labeller of the first labelling (no warm start: the untrained network);
       None (the default): `labeller`. "kmeans" starts from K-means on the untrained network's
       features, a balanced-enough first labelling where the argmax of an untrained network's flat Q
       collapses; the later labellings are `labeller`'s. K-means then uses `cold_start_options`.
+    cold_start_labellings: how many labellings, from the first, `cold_start_labeller` does (default
+      1); e.g. 2 with "kmeans": K-means at the start and once more on the network trained on its
+      labels, Sinkhorn-Knopp from the third on.
     cold_start_options: keyword arguments of `kmeans.assign_labels_kmeans` for a K-means cold start
       (default: seed 0).
     relabel_heads: "all" (every head at every labelling) or "cyclic" (one head per labelling, head
@@ -127,6 +135,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
                cold_start_labeller: Optional[str] = None,
                cold_start_options: Optional[dict] = None,
                cold_start_balance: Optional[str] = None,
+               cold_start_labellings: int = 1,
+               kmeans_layer: str = "features",
                label_model: Optional[keras.Model] = None,
                label_store: str = "log_probs",
                feature_dtype: str = "bfloat16",
@@ -159,6 +169,12 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError("SelfLabelCallback: with labeller='kmeans' the cold start is K-means too; got "
                        f"cold_start_labeller={cold_start_labeller!r}")
     self.cold_start_labeller = cold_start_labeller or labeller
+    if isinstance(cold_start_labellings, bool) or not isinstance(cold_start_labellings, int) or \
+        cold_start_labellings < 1:
+      raise ValueError(f"SelfLabelCallback: cold_start_labellings must be an int >= 1, got "
+                       f"{cold_start_labellings!r}")
+    self.cold_start_labellings = cold_start_labellings
+    self.kmeans_layer = str(kmeans_layer)
     self.cold_start_options = dict(cold_start_options or {})
     self.labeller_options = dict(labeller_options or {})
     if relabel_heads not in RELABEL_HEADS:
@@ -233,8 +249,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
                        f"{self.state.num_examples}")
 
   def labeller_due(self) -> str:
-    """The labeller of the next labelling: `cold_start_labeller` for the first, else `labeller`."""
-    return self.cold_start_labeller if self.state.labellings_done() == 0 else self.labeller
+    """The labeller of the next labelling: `cold_start_labeller` for the first `cold_start_labellings`,
+    else `labeller`."""
+    return (self.cold_start_labeller if self.state.labellings_done() < self.cold_start_labellings
+            else self.labeller)
 
   def sharded(self, labeller: Optional[str] = None) -> bool:
     """Whether the next labelling (by `labeller`) keeps the label pass sharded over the replicas."""
@@ -246,7 +264,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
 
   def _pass_runner(self, labeller: str) -> inference.IndexedPass:
     """The pass over the label-pass data on every replica, in inference mode: per example each head's
-    log softmax (float32), or, for the K-means labeller, the model's "features" vector.
+    log softmax (float32), or, for the K-means labeller, the model's `kmeans_layer` flattened.
 
     (Keras' predict_on_batch is not used: under a MirroredStrategy it gives every replica the whole
     batch and returns the outputs of all of them.) The forward runs in the dtype policy of the model
@@ -261,9 +279,15 @@ class SelfLabelCallback(keras.callbacks.Callback):
     if (kind, sharded) not in self._passes:
       if kind in ("kmeans", "features"):  # K-means reads the features in float32
         dtype = tf.float32 if kind == "kmeans" else tf.as_dtype(self.feature_dtype)
+        layer = self.kmeans_layer if kind == "kmeans" else "features"
 
         def replica_step(batch):
-          return batch["index"], tf.cast(model.features(batch["image"], training=False)["features"], dtype)
+          outputs = model.features(batch["image"], training=False)
+          if layer not in outputs:  # raised while tracing, before any pass
+            raise ValueError(f"SelfLabelCallback: kmeans_layer={layer!r} is not one of the model's "
+                             f"features(images) keys {sorted(outputs)}")
+          values = outputs[layer]
+          return batch["index"], tf.cast(keras.ops.reshape(values, (keras.ops.shape(values)[0], -1)), dtype)
       else:
 
         def replica_step(batch):

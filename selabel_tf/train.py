@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
 from selabel_tf import files
+from selabel_tf import kmeans as kmeans_lib
 from selabel_tf import label_store as label_store_lib
 from selabel_tf import labels as labels_lib
 from selabel_tf import labeller as labeller_lib
@@ -135,8 +136,20 @@ class TrainConfig:
       "features: the argmax of its flat predictions puts most examples in one cluster) or same (as "
       "--labeller, the paper).",
       choices=("same",) + callbacks_lib.LABELLERS, group=_LABELLING)
-  kmeans_pca_dim: int = option(256, "--labeller=kmeans: dimensions of the whitened PCA before K-means "
-                               "(DeepCluster: 256); must be below the number of examples.",
+  cold_start_labellings: int = option(
+      1, "How many labellings, from the first, --cold_start_labeller does (e.g. 2 with kmeans: K-means "
+      "at the start and again on the network trained on its labels, then --labeller); <= --nopts.",
+      group=_LABELLING)
+  kmeans_features: str = option(
+      "features", "What K-means reads (--labeller=kmeans, the K-means cold start): features (the vector "
+      "the heads read; fc7 for AlexNet) or embedding (the backbone's embedding that the kNN reads; pool5 "
+      "for AlexNet).", choices=("features", "embedding"), group=_LABELLING)
+  kmeans_preprocessing: str = option(
+      "whitened_pca", "K-means' preprocessing of its features: whitened_pca (DeepCluster's: PCA to "
+      "--kmeans_pca_dim, whitened, then L2 normalisation) or l2 (L2 normalisation alone: K-means in the "
+      "kNN's cosine geometry).", choices=kmeans_lib.PREPROCESSINGS, group=_LABELLING)
+  kmeans_pca_dim: int = option(256, "--kmeans_preprocessing=whitened_pca: dimensions of the whitened PCA "
+                               "before K-means (DeepCluster: 256); must be below the number of examples.",
                                group=_LABELLING)
   labeller_tol: float = option(labeller_lib.DEFAULT_TOL, "Sinkhorn tolerance (max cluster-size error).",
                                group=_LABELLING)
@@ -248,6 +261,11 @@ class TrainConfig:
          f"--cold_start_labeller={self.cold_start_labeller} with --labeller=kmeans: the K-means labeller "
          f"starts with K-means; use same"),
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
+        (1 <= self.cold_start_labellings <= self.nopts,
+         f"--cold_start_labellings={self.cold_start_labellings} must be in [1, --nopts={self.nopts}]"),
+        (self.cold_start_labellings == 1 or self.cold_start_labeller != "same",
+         f"--cold_start_labellings={self.cold_start_labellings} with --cold_start_labeller=same: every "
+         f"labelling is --labeller's; name the cold start's labeller (e.g. kmeans)"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
         (self.eval_every_epochs >= 0, f"--eval_every_epochs={self.eval_every_epochs} must be >= 0 "
          f"(0: only at the end)"),
@@ -640,13 +658,16 @@ def build_model(config: TrainConfig, inputs: RunInputs, strategy: tf.distribute.
 def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, label_model, chief: bool):
   """(the SelfLabelCallback, the evaluation callbacks, every callback of `fit` in order)."""
   tensorboard_dir = os.path.join(config.run_dir, "tensorboard")
-  if config.labeller == "kmeans":
-    dims = min(config.kmeans_pca_dim, int(model.backbone.output["features"].shape[-1]))
+  kmeans_layer = (backbones.embedding_layer(config.architecture) if config.kmeans_features == "embedding"
+                  else backbones.FEATURES)
+  if config.labeller == "kmeans" and config.kmeans_preprocessing == "whitened_pca":
+    dims = min(config.kmeans_pca_dim, math.prod(model.backbone.output[kmeans_layer].shape[1:]))
     if inputs.dataset.num_examples <= dims:
       raise ConfigError(f"--kmeans_pca_dim={config.kmeans_pca_dim}: the K-means labeller's PCA to {dims} "
                         f"dimensions needs more than {dims} examples, --dataset={config.dataset} has "
                         f"{inputs.dataset.num_examples}; pass --kmeans_pca_dim={inputs.dataset.num_examples - 1} or less")
-  labeller_options = ({"seed": config.seed, "pca_dim": config.kmeans_pca_dim}
+  labeller_options = ({"seed": config.seed, "pca_dim": config.kmeans_pca_dim,
+                       "preprocessing": config.kmeans_preprocessing}
                       if config.labeller == "kmeans" else
                       {"tol": config.labeller_tol, "max_iters": config.labeller_max_iters,
                        "balance": config.labeller_balance, "storage_dtype": config.labeller_storage,
@@ -660,8 +681,9 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       labeller_options=labeller_options, relabel_heads=config.relabel_heads,
       cold_start_labeller=None if config.cold_start_labeller == "same" else config.cold_start_labeller,
       # A K-means cold start on a dataset smaller than the PCA keeps what fits.
-      cold_start_options={"seed": config.seed,
+      cold_start_options={"seed": config.seed, "preprocessing": config.kmeans_preprocessing,
                           "pca_dim": max(1, min(config.kmeans_pca_dim, inputs.dataset.num_examples - 1))},
+      cold_start_labellings=config.cold_start_labellings, kmeans_layer=kmeans_layer,
       cold_start_balance=(None if config.labeller_cold_start_balance == "same"
                           else config.labeller_cold_start_balance),
       label_model=label_model, label_store=config.label_store, feature_dtype=config.label_feature_dtype,

@@ -274,6 +274,63 @@ def test_kmeans_labeller_labels_the_model_features_with_faiss(data):
   assert "selabel_kmeans_inertia" in callback.last_metrics
 
 
+def _label_pass(images):
+  return tf.data.Dataset.from_tensor_slices(
+      {"index": np.arange(len(images), dtype=np.int64), "image": images}).batch(32)
+
+
+def test_kmeans_on_l2_normalised_pool5_is_faiss_on_numpy_normalised_rows(data):
+  heads = (3, 5)
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples, heads)
+  images = (data.train.images.astype(np.float32) / 255.0)
+  callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0], labeller="kmeans",
+                                             labeller_options={"seed": 3, "preprocessing": "l2"},
+                                             kmeans_layer="pool5", verbose=0)
+  callback.set_model(model)
+  callback.relabel()
+  labels = model.label_state.current_labels()
+  # Reference: pool5 flattened, normalised in float64 by numpy, faiss' K-means with the same seeds.
+  pool5 = np.asarray(model.features(images, training=False)["pool5"], np.float64).reshape(120, -1)
+  rows = (pool5 / np.linalg.norm(pool5, axis=1, keepdims=True)).astype(np.float32)
+  assert rows.shape[1] == int(np.prod(model.backbone.output["pool5"].shape[1:]))
+  for t, k in enumerate(heads):
+    reference = faiss.Kmeans(rows.shape[1], k, niter=20, seed=3 + t, max_points_per_centroid=10**7)
+    reference.train(rows)
+    _, assigned = reference.index.search(rows, 1)
+    np.testing.assert_array_equal(labels[t], assigned[:, 0])
+
+
+def test_cold_start_labellings_label_by_k_means_first_then_by_the_labeller(data):
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
+  images = (data.train.images.astype(np.float32) / 255.0)
+  callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0, 1, 2],
+                                             cold_start_labeller="kmeans", cold_start_labellings=2,
+                                             cold_start_options={"seed": 3, "pca_dim": 16}, verbose=0)
+  callback.set_model(model)
+  done = []
+  for _ in range(3):
+    done.append(callback.labeller_due())
+    callback.relabel()
+    done.append("selabel_kmeans_inertia" in callback.last_metrics)
+  assert done == ["kmeans", True, "kmeans", True, "sinkhorn", False]
+  assert model.label_state.labellings_done() == 3
+
+
+def test_bad_cold_start_labellings_and_kmeans_layer_raise(data):
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="cold_start_labellings must be an int >= 1"):
+      callbacks_lib.SelfLabelCallback(None, 10, 10.0, steps=[0], num_clusters=[3], cold_start_labellings=bad)
+  model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
+  images = (data.train.images.astype(np.float32) / 255.0)
+  callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0], labeller="kmeans",
+                                             kmeans_layer="fc9", verbose=0)
+  callback.set_model(model)
+  with pytest.raises(ValueError, match=r"kmeans_layer='fc9' is not one of the model's features\(images\) "
+                     r"keys \['conv1', "):
+    callback.relabel()
+  assert model.label_state.labellings_done() == 0
+
+
 def test_kmeans_labeller_needs_a_features_method():
   model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
   callback = callbacks_lib.SelfLabelCallback(None, 10, 10.0, steps=[0], labeller="kmeans",

@@ -270,6 +270,12 @@ def test_the_knn_reads_the_backbones_embedding_unless_a_layer_is_named(architect
     (["--cold_start_labeller=spectral"], "--cold_start_labeller=spectral: value should be one of"),
     (["--labeller=kmeans", "--cold_start_labeller=sinkhorn"], "--cold_start_labeller=sinkhorn with --labeller=kmeans"),
     (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
+    (["--nopts=3", "--cold_start_labellings=4"], "--cold_start_labellings=4 must be in [1, --nopts=3]"),
+    (["--cold_start_labellings=0"], "--cold_start_labellings=0 must be in [1, --nopts=4]"),
+    (["--cold_start_labeller=same", "--cold_start_labellings=2"],
+     "--cold_start_labellings=2 with --cold_start_labeller=same: every labelling is --labeller's"),
+    (["--kmeans_features=fc6"], "--kmeans_features=fc6: value should be one of"),
+    (["--kmeans_preprocessing=pca"], "--kmeans_preprocessing=pca: value should be one of"),
     (["--fc_dropout=1"], "--fc_dropout=1.0 must be in [0, 1) (0: no dropout)"),
     (["--eval_subset=-5"], "--eval_subset=-5 must be >= 0"),
     (["--label_store=features", "--label_passes=2"], "--label_store=features keeps one pass's features; "
