@@ -10,9 +10,9 @@ name (e.g. fc6_relu, fc7_bn), flattened as it is (no probe pooling), through the
       --layers=pool5,fc6_relu,features
 
 --cluster_nmi also clusters each layer's train activations into as many clusters as there are classes
-and prints the NMI against the train classes: K-means (faiss, 20 iterations, seed 0) on the
-L2-normalised activations, and through the K-means labeller's own preprocessing (`selabel_tf.kmeans`:
-whitened PCA to 256 dimensions, then L2 normalisation). Set beside the run's self-labels' NMI, it tells
+and prints the NMI against the train classes: the library's K-means (`selabel_tf.kmeans`: faiss, 20
+iterations on every row, seed 0) on the L2-normalised activations (`--kmeans_preprocessing=l2`), and
+through DeepCluster's preprocessing (whitened PCA to 256 dimensions, then L2 normalisation; the default). Set beside the run's self-labels' NMI, it tells
 how much of the class structure a layer holds that the heads' labels do not.
 """
 
@@ -51,16 +51,12 @@ def activations_of(backbone, names):
 def cluster_nmi(values, classes, num_classes):
   """NMI of K-means (K = num_classes) on the L2-normalised rows, and through the K-means labeller's
   preprocessing."""
-  import faiss  # pylint: disable=g-import-not-at-top
   from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
   from selabel_tf.evaluation import cluster_metrics  # pylint: disable=g-import-not-at-top
-  rows = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-  plain = faiss.Kmeans(rows.shape[1], num_classes, niter=20, seed=0)
-  plain.train(rows)
-  _, plain_labels = plain.index.search(rows, 1)
-  labeller = kmeans.assign_labels_kmeans(values, [num_classes], seed=0)
-  return {name: cluster_metrics.cluster_metrics(labels.ravel(), classes)["nmi"]
-          for name, labels in (("l2", plain_labels), ("labeller", labeller.labels[0]))}
+  return {name: cluster_metrics.cluster_metrics(
+              kmeans.assign_labels_kmeans(values, [num_classes], preprocessing=preprocessing,
+                                          seed=0).labels[0], classes)["nmi"]
+          for name, preprocessing in (("l2", "l2"), ("labeller", "whitened_pca"))}
 
 
 def layer_knn(restored, data, names, ks):

@@ -4,9 +4,9 @@ network and raw pixels, on the full and the imbalanced train sets (paper Table 8
 For every --imbalance (none: the full train set; light; heavy) it runs, one after another:
   sela        bin/train --flagfile=F                       (the Sinkhorn-Knopp labeller)
   sela_sk_only  only when --rows names it: the same with --cold_start_labeller=same
-              --cold_start_labellings=1 --labeller_cold_start_balance=exact, Sinkhorn-Knopp at every
-              labelling, the first one too (F's K-means cold start otherwise gives the sela and kmeans rows
-              the same first labellings, so at a budget of few labellings they share much of their training)
+              --labeller_cold_start_balance=exact, Sinkhorn-Knopp at every labelling, the first one too
+              (F's K-means cold start otherwise gives the sela and kmeans rows the same first labelling, so
+              at a budget of few labellings they share much of their training)
   kmeans      bin/train --flagfile=F --labeller=kmeans     (Table 8's K-means labeller, same budget)
   supervised  bin/train --flagfile=F --supervised          (one head on the class labels, same budget)
   random_init bin/evaluate --run_dir=<sela> --random_init  (the same network, untrained)
@@ -43,8 +43,7 @@ sys.path.insert(0, ROOT)
 
 ROWS = ("sela", "sela_sk_only", "kmeans", "supervised", "random_init", "pixels")
 _TRAIN_FLAGS = {"sela": [],
-                "sela_sk_only": ["--cold_start_labeller=same", "--cold_start_labellings=1",
-                                 "--labeller_cold_start_balance=exact"],
+                "sela_sk_only": ["--cold_start_labeller=same", "--labeller_cold_start_balance=exact"],
                 "kmeans": ["--labeller=kmeans"], "supervised": ["--supervised"]}
 
 flags.DEFINE_string("flagfile_under_test", "configs/fashion_mnist_table8.cfg",

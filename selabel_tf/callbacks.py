@@ -14,6 +14,7 @@ the model. With a model of your own, the callback makes a state; `with_self_labe
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -66,9 +67,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
     num_clusters: K per head, for a model of your own (no `label_state`).
     num_passes: label passes averaged (P = E_t[log softmax]).
     labeller: "sinkhorn" (the paper: Sinkhorn-Knopp on the heads' log-probabilities, `lam`) or
-      "kmeans" (the paper's Table 8 baseline: K-means per head on the model's "features" vector,
+      "kmeans" (the paper's Table 8 baseline: K-means per head on the model's `kmeans_layer`,
       DeepCluster-style, see `selabel_tf.kmeans`; the model must have a `features(images)` method
-      returning a dict with "features", as `SelaModel` does; `lam` is not used).
+      returning a dict with that key, as `SelaModel` does; `lam` is not used).
     labeller_options: keyword arguments for `labeller.assign_labels` (tol, max_iters, balance, seed,
       storage_dtype, ...), or for `kmeans.assign_labels_kmeans` (preprocessing, pca_dim,
       num_iterations, seed).
@@ -76,13 +77,15 @@ class SelfLabelCallback(keras.callbacks.Callback):
       cold start), flattened per example: "features" (the default: the vector the heads read) or,
       for `SelaModel`, a probe layer such as the backbone's embedding
       (`backbones.embedding_layer(architecture)`, "pool5" for AlexNet).
-    cold_start_labeller: the labeller of the first labelling (no warm start: the untrained network);
-      None (the default): `labeller`. "kmeans" starts from K-means on the untrained network's
-      features, a balanced-enough first labelling where the argmax of an untrained network's flat Q
-      collapses; the later labellings are `labeller`'s. K-means then uses `cold_start_options`.
+    cold_start_labeller: the labeller of the first `cold_start_labellings` labellings (the first
+      without a warm start: the untrained network); None (the default): `labeller`. "kmeans" starts
+      from K-means on the untrained network's features, a balanced-enough first labelling where the
+      argmax of an untrained network's flat Q collapses; the later labellings are `labeller`'s.
+      K-means then uses `cold_start_options`.
     cold_start_labellings: how many labellings, from the first, `cold_start_labeller` does (default
       1); e.g. 2 with "kmeans": K-means at the start and once more on the network trained on its
-      labels, Sinkhorn-Knopp from the third on.
+      labels, `labeller` from the third on (each labelling relabels the heads `relabel_heads` says:
+      with "cyclic", T gives every head one K-means labelling).
     cold_start_options: keyword arguments of `kmeans.assign_labels_kmeans` for a K-means cold start
       (default: seed 0).
     relabel_heads: "all" (every head at every labelling) or "cyclic" (one head per labelling, head
@@ -169,11 +172,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
       raise ValueError("SelfLabelCallback: with labeller='kmeans' the cold start is K-means too; got "
                        f"cold_start_labeller={cold_start_labeller!r}")
     self.cold_start_labeller = cold_start_labeller or labeller
-    if isinstance(cold_start_labellings, bool) or not isinstance(cold_start_labellings, int) or \
-        cold_start_labellings < 1:
+    if isinstance(cold_start_labellings, (bool, np.bool_)) or not isinstance(
+        cold_start_labellings, (int, np.integer)) or cold_start_labellings < 1:
       raise ValueError(f"SelfLabelCallback: cold_start_labellings must be an int >= 1, got "
                        f"{cold_start_labellings!r}")
-    self.cold_start_labellings = cold_start_labellings
+    self.cold_start_labellings = int(cold_start_labellings)
     self.kmeans_layer = str(kmeans_layer)
     self.cold_start_options = dict(cold_start_options or {})
     self.labeller_options = dict(labeller_options or {})
@@ -238,7 +241,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
         getattr(self.label_model or model, "features", None)):
       which = "labeller" if self.labeller == "kmeans" else "cold_start_labeller"
       raise ValueError(f"SelfLabelCallback: {which}='kmeans' needs a model with a features(images) method "
-                       "returning {'features': [B, D], ...} (e.g. SelaModel)")
+                       f"returning a dict with its kmeans_layer={self.kmeans_layer!r} (e.g. SelaModel)")
     if self.label_store == "features" and not (
         callable(getattr(self.label_model or model, "features", None))
         and callable(getattr(self.label_model or model, "linear_heads", None))):
@@ -284,10 +287,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
         def replica_step(batch):
           outputs = model.features(batch["image"], training=False)
           if layer not in outputs:  # raised while tracing, before any pass
-            raise ValueError(f"SelfLabelCallback: kmeans_layer={layer!r} is not one of the model's "
+            needs = f"kmeans_layer={layer!r}" if kind == "kmeans" else "label_store='features'"
+            raise ValueError(f"SelfLabelCallback: {needs} needs the key {layer!r}, not one of the model's "
                              f"features(images) keys {sorted(outputs)}")
-          values = outputs[layer]
-          return batch["index"], tf.cast(keras.ops.reshape(values, (keras.ops.shape(values)[0], -1)), dtype)
+          values = outputs[layer]  # flattened per example, its size static
+          return batch["index"], tf.cast(keras.ops.reshape(values, (-1, math.prod(values.shape[1:]))), dtype)
       else:
 
         def replica_step(batch):
@@ -316,8 +320,8 @@ class SelfLabelCallback(keras.callbacks.Callback):
   def collect_log_probs(self, labeller: Optional[str] = None):
     """One pass (or the average of `num_passes`) over the label-pass data, by example index: T arrays
     [N, K_t] float32 of log softmax per head (Sinkhorn-Knopp), or with label_store="features" a
-    `label_store.LinearHeads` of every head over the stored features, or the "features" float32
-    [N, D] (K-means).
+    `label_store.LinearHeads` of every head over the stored features, or the `kmeans_layer` flattened,
+    float32 [N, D] (K-means).
 
     The pass is spread over the model's replicas (each runs its share of every global batch); the
     results of all replicas, of all workers, are gathered and stored by example index, so every worker

@@ -28,7 +28,6 @@ import tensorflow as tf
 
 from selabel_tf import callbacks as callbacks_lib
 from selabel_tf import files
-from selabel_tf import kmeans as kmeans_lib
 from selabel_tf import label_store as label_store_lib
 from selabel_tf import labels as labels_lib
 from selabel_tf import labeller as labeller_lib
@@ -47,6 +46,9 @@ from selabel_tf.modeling.sela import SelaModel
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+KMEANS_FEATURES = ("features", "embedding")  # --kmeans_features
+# kmeans.PREPROCESSINGS (a test keeps them equal), not imported: it would load faiss with every program.
+KMEANS_PREPROCESSINGS = ("whitened_pca", "l2")
 
 
 class ConfigError(ValueError):
@@ -129,25 +131,27 @@ class TrainConfig:
       "GPUs from compute capability 8.0; float16 on 7.x GPUs), else model.",
       choices=precision.LABEL_PASS_PRECISIONS, group=_LABELLING)
   labeller: str = option("sinkhorn", "sinkhorn (the paper) or kmeans (Table 8's baseline: K-means per "
-                         "head on the features, DeepCluster-style).", choices=callbacks_lib.LABELLERS,
-                         group=_LABELLING)
+                         "head, DeepCluster-style; on what --kmeans_features and --kmeans_preprocessing "
+                         "say).", choices=callbacks_lib.LABELLERS, group=_LABELLING)
   cold_start_labeller: str = option(
-      "kmeans", "Labeller of the first labelling, on the untrained network: kmeans (K-means on its "
-      "features: the argmax of its flat predictions puts most examples in one cluster) or same (as "
-      "--labeller, the paper).",
+      "kmeans", "Labeller of the first labelling(s) (--cold_start_labellings), the first on the untrained "
+      "network: kmeans (K-means on its features: the argmax of its flat predictions puts most examples "
+      "in one cluster) or same (as --labeller, the paper).",
       choices=("same",) + callbacks_lib.LABELLERS, group=_LABELLING)
   cold_start_labellings: int = option(
       1, "How many labellings, from the first, --cold_start_labeller does (e.g. 2 with kmeans: K-means "
-      "at the start and again on the network trained on its labels, then --labeller); <= --nopts.",
+      "at the start and again on the network trained on its labels, then --labeller); <= --nopts. No "
+      "effect where the cold start's labeller is --labeller's.",
       group=_LABELLING)
   kmeans_features: str = option(
       "features", "What K-means reads (--labeller=kmeans, the K-means cold start): features (the vector "
       "the heads read; fc7 for AlexNet) or embedding (the backbone's embedding that the kNN reads; pool5 "
-      "for AlexNet).", choices=("features", "embedding"), group=_LABELLING)
+      "for AlexNet: 1024-d at 28-32 px, 9216-d at 224 px, where K-means then holds N x 9216 float32).",
+      choices=KMEANS_FEATURES, group=_LABELLING)
   kmeans_preprocessing: str = option(
       "whitened_pca", "K-means' preprocessing of its features: whitened_pca (DeepCluster's: PCA to "
       "--kmeans_pca_dim, whitened, then L2 normalisation) or l2 (L2 normalisation alone: K-means in the "
-      "kNN's cosine geometry).", choices=kmeans_lib.PREPROCESSINGS, group=_LABELLING)
+      "kNN's cosine geometry).", choices=KMEANS_PREPROCESSINGS, group=_LABELLING)
   kmeans_pca_dim: int = option(256, "--kmeans_preprocessing=whitened_pca: dimensions of the whitened PCA "
                                "before K-means (DeepCluster: 256); must be below the number of examples.",
                                group=_LABELLING)
@@ -263,9 +267,6 @@ class TrainConfig:
         (self.labeller_max_iters >= 1, f"--labeller_max_iters={self.labeller_max_iters} must be >= 1"),
         (1 <= self.cold_start_labellings <= self.nopts,
          f"--cold_start_labellings={self.cold_start_labellings} must be in [1, --nopts={self.nopts}]"),
-        (self.cold_start_labellings == 1 or self.cold_start_labeller != "same",
-         f"--cold_start_labellings={self.cold_start_labellings} with --cold_start_labeller=same: every "
-         f"labelling is --labeller's; name the cold start's labeller (e.g. kmeans)"),
         (self.image_size is None or self.image_size >= 8, f"--image_size={self.image_size} must be >= 8"),
         (self.eval_every_epochs >= 0, f"--eval_every_epochs={self.eval_every_epochs} must be >= 0 "
          f"(0: only at the end)"),

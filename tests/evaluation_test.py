@@ -279,20 +279,23 @@ def _label_pass(images):
       {"index": np.arange(len(images), dtype=np.int64), "image": images}).batch(32)
 
 
-def test_kmeans_on_l2_normalised_pool5_is_faiss_on_numpy_normalised_rows(data):
+@pytest.mark.parametrize("layer", ["pool5", "conv2"])  # conv2: a [h, w, c] map with h, w > 1, flattened
+def test_kmeans_on_a_layer_l2_normalised_is_faiss_on_numpy_normalised_rows(data, layer):
   heads = (3, 5)
   model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples, heads)
   images = (data.train.images.astype(np.float32) / 255.0)
   callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0], labeller="kmeans",
                                              labeller_options={"seed": 3, "preprocessing": "l2"},
-                                             kmeans_layer="pool5", verbose=0)
+                                             kmeans_layer=layer, verbose=0)
   callback.set_model(model)
   callback.relabel()
   labels = model.label_state.current_labels()
-  # Reference: pool5 flattened, normalised in float64 by numpy, faiss' K-means with the same seeds.
-  pool5 = np.asarray(model.features(images, training=False)["pool5"], np.float64).reshape(120, -1)
-  rows = (pool5 / np.linalg.norm(pool5, axis=1, keepdims=True)).astype(np.float32)
-  assert rows.shape[1] == int(np.prod(model.backbone.output["pool5"].shape[1:]))
+  # Reference: the layer flattened (numpy), normalised by numpy, faiss' K-means with the same seeds.
+  values = np.concatenate([np.asarray(model.features(images[i:i + 32], training=False)[layer])
+                           for i in range(0, 120, 32)]).reshape(120, -1)
+  assert values.shape[1] == int(np.prod(model.backbone.output[layer].shape[1:]))
+  assert layer == "pool5" or model.backbone.output[layer].shape[1] > 1
+  rows = values / np.linalg.norm(values, axis=1, keepdims=True)
   for t, k in enumerate(heads):
     reference = faiss.Kmeans(rows.shape[1], k, niter=20, seed=3 + t, max_points_per_centroid=10**7)
     reference.train(rows)
@@ -304,7 +307,7 @@ def test_cold_start_labellings_label_by_k_means_first_then_by_the_labeller(data)
   model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
   images = (data.train.images.astype(np.float32) / 255.0)
   callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0, 1, 2],
-                                             cold_start_labeller="kmeans", cold_start_labellings=2,
+                                             cold_start_labeller="kmeans", cold_start_labellings=np.int64(2),
                                              cold_start_options={"seed": 3, "pca_dim": 16}, verbose=0)
   callback.set_model(model)
   done = []
@@ -317,7 +320,7 @@ def test_cold_start_labellings_label_by_k_means_first_then_by_the_labeller(data)
 
 
 def test_bad_cold_start_labellings_and_kmeans_layer_raise(data):
-  for bad in (0, 1.5, True):
+  for bad in (0, 1.5, True, np.int64(0)):
     with pytest.raises(ValueError, match="cold_start_labellings must be an int >= 1"):
       callbacks_lib.SelfLabelCallback(None, 10, 10.0, steps=[0], num_clusters=[3], cold_start_labellings=bad)
   model = _sela_model(tf.distribute.get_strategy(), data.train.num_examples)
@@ -325,8 +328,8 @@ def test_bad_cold_start_labellings_and_kmeans_layer_raise(data):
   callback = callbacks_lib.SelfLabelCallback(_label_pass(images), 120, 10.0, steps=[0], labeller="kmeans",
                                              kmeans_layer="fc9", verbose=0)
   callback.set_model(model)
-  with pytest.raises(ValueError, match=r"kmeans_layer='fc9' is not one of the model's features\(images\) "
-                     r"keys \['conv1', "):
+  with pytest.raises(ValueError, match=r"kmeans_layer='fc9' needs the key 'fc9', not one of the model's "
+                     r"features\(images\) keys \['conv1', "):
     callback.relabel()
   assert model.label_state.labellings_done() == 0
 

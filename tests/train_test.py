@@ -1,5 +1,6 @@
 """Tests of the main job: schedule, SelaModel, SelfLabelCallback, the README example, and bin/train."""
 
+import dataclasses
 import json
 import os
 import re
@@ -126,6 +127,44 @@ def test_config_json_records_what_auto_resolved_to_and_a_resume_where_it_differs
   monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
   with pytest.raises(train.ConfigError, match=r"differs in --label_pass_precision\)"):
     train.prepare_run_dir(train.resolve_label_pass_precision(config, strategy))
+
+
+@pytest.mark.parametrize("architecture, features, layer", [
+    ("alexnet_small", "embedding", "pool5"), ("alexnet_small", "features", "features"),
+    ("resnet18", "embedding", "features")])
+def test_the_kmeans_flags_reach_the_self_label_callback(tiny_npz, tmp_path, architecture, features, layer):
+  config = train.TrainConfig(dataset=tiny_npz, run_dir=str(tmp_path / "run"), heads="4", batch_size=16,
+                             architecture=architecture, nopts=3, cold_start_labellings=2,
+                             kmeans_features=features, kmeans_preprocessing="l2", evaluate=False)
+  config.validate()
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  inputs = train.build_inputs(config, strategy)
+  with strategy.scope():
+    model, twin = train.build_model(config, inputs, strategy)
+  self_label, _, _ = train.build_callbacks(config, inputs, model, twin, chief=True)
+  assert (self_label.cold_start_labeller, self_label.cold_start_labellings) == ("kmeans", 2)
+  assert self_label.kmeans_layer == layer
+  assert self_label.cold_start_options["preprocessing"] == "l2"
+
+
+def test_the_kmeans_pca_check_reads_the_layer_k_means_clusters(tiny_npz, tmp_path):
+  config = train.TrainConfig(dataset=tiny_npz, run_dir=str(tmp_path / "run"), heads="4", batch_size=16,
+                             labeller="kmeans", kmeans_features="embedding", kmeans_pca_dim=5000,
+                             evaluate=False)
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  inputs = train.build_inputs(config, strategy)
+  with strategy.scope():
+    model, twin = train.build_model(config, inputs, strategy)
+  with pytest.raises(train.ConfigError, match="PCA to 1024 dimensions needs more than 1024 examples"):
+    train.build_callbacks(config, inputs, model, twin, chief=True)  # pool5 of 28 px: 2 x 2 x 256
+  config = dataclasses.replace(config, kmeans_preprocessing="l2")  # no PCA: no such bound
+  self_label, _, _ = train.build_callbacks(config, inputs, model, twin, chief=True)
+  assert self_label.labeller_options["preprocessing"] == "l2"
+
+
+def test_kmeans_preprocessings_are_the_kmeans_modules():
+  from selabel_tf import kmeans  # pylint: disable=g-import-not-at-top
+  assert train.KMEANS_PREPROCESSINGS == kmeans.PREPROCESSINGS
 
 
 @pytest.mark.parametrize("rate", [-0.5, 1.0])
@@ -272,8 +311,6 @@ def test_the_knn_reads_the_backbones_embedding_unless_a_layer_is_named(architect
     (["--train_subset=-1"], "--train_subset=-1 must be >= 0"),
     (["--nopts=3", "--cold_start_labellings=4"], "--cold_start_labellings=4 must be in [1, --nopts=3]"),
     (["--cold_start_labellings=0"], "--cold_start_labellings=0 must be in [1, --nopts=4]"),
-    (["--cold_start_labeller=same", "--cold_start_labellings=2"],
-     "--cold_start_labellings=2 with --cold_start_labeller=same: every labelling is --labeller's"),
     (["--kmeans_features=fc6"], "--kmeans_features=fc6: value should be one of"),
     (["--kmeans_preprocessing=pca"], "--kmeans_preprocessing=pca: value should be one of"),
     (["--fc_dropout=1"], "--fc_dropout=1.0 must be in [0, 1) (0: no dropout)"),
