@@ -12,8 +12,9 @@ name (e.g. fc6_relu, fc7_bn), flattened as it is (no probe pooling), through the
 --cluster_nmi also clusters each layer's train activations into as many clusters as there are classes
 and prints the NMI against the train classes: the library's K-means (`selabel_tf.kmeans`: faiss, 20
 iterations on every row, seed 0) on the L2-normalised activations (`--kmeans_preprocessing=l2`), and
-through DeepCluster's preprocessing (whitened PCA to 256 dimensions, then L2 normalisation; the default). Set beside the run's self-labels' NMI, it tells
-how much of the class structure a layer holds that the heads' labels do not.
+through DeepCluster's preprocessing (whitened PCA to 256 dimensions, then L2 normalisation; the
+default). Set beside the run's self-labels' NMI, it tells how much of the class structure a layer holds
+that the heads' labels do not.
 """
 
 import os

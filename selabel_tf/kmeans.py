@@ -7,8 +7,7 @@ al., ECCV 2018, `clustering.py`):
   1. `preprocess_features`: PCA to `pca_dim` dimensions, whitened (every component scaled to unit
      variance), then every row scaled to unit L2 norm (`preprocessing="whitened_pca"`, DeepCluster's);
      or `normalise_rows`: every row scaled to unit L2 norm, nothing else (`preprocessing="l2"`: K-means
-     on the cosine geometry the kNN evaluation reads; on Fashion-MNIST's 10 classes the whitening loses
-     a third of the clusters' NMI, README "Quality").
+     in the cosine geometry the kNN evaluation reads; README "Quality" compares the two).
   2. K-means (faiss `Kmeans`: Lloyd iterations from K randomly drawn rows, empty clusters re-split by
      faiss after each iteration) on the preprocessed rows, once per head with its own K and seed.
 
@@ -26,8 +25,8 @@ Threads: the PCA runs on numpy's BLAS threads, K-means on faiss' OpenMP threads 
 `faiss.omp_get_max_threads()`: `OMP_NUM_THREADS`, or every core). This module changes neither setting.
 
 Memory. Besides the input and the float32 output [N, pca_dim] (with "l2": [N, D], a normalised copy of
-the input: e.g. 47 GB for ImageNet's 1.28M examples of 224 px AlexNet's 9216-d pool5), the PCA holds a float64 [D, D]
-covariance and one float32 chunk of rows at a time; with `pca_sample_size=S` also the float32 sample
+the input: e.g. 47 GB for ImageNet's 1.28M examples of 224 px AlexNet's 9216-d pool5), the PCA holds a
+float64 [D, D] covariance and one float32 chunk of rows at a time; with `pca_sample_size=S` also the float32 sample
 [S, D]. The input is read chunk by chunk (two passes over the training rows, one over all rows), so it
 may be an `np.memmap`, or any object with `shape`, `dtype` and numpy-style row indexing (slices and
 sorted integer arrays) that produces rows on demand.
