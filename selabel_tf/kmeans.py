@@ -26,8 +26,8 @@ Threads: the PCA runs on numpy's BLAS threads, K-means on faiss' OpenMP threads 
 
 Memory. Besides the input and the float32 output [N, pca_dim] (with "l2": [N, D], a normalised copy of
 the input: e.g. 47 GB for ImageNet's 1.28M examples of 224 px AlexNet's 9216-d pool5), the PCA holds a
-float64 [D, D] covariance and one float32 chunk of rows at a time; with `pca_sample_size=S` also the float32 sample
-[S, D]. The input is read chunk by chunk (two passes over the training rows, one over all rows), so it
+float64 [D, D] covariance and one float32 chunk of rows at a time; with `pca_sample_size=S` also the
+float32 sample [S, D]. The input is read chunk by chunk (two passes over the training rows, one over all rows), so it
 may be an `np.memmap`, or any object with `shape`, `dtype` and numpy-style row indexing (slices and
 sorted integer arrays) that produces rows on demand.
 """
