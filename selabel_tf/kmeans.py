@@ -97,9 +97,7 @@ def preprocess_features(features,
   projected = _pca_project(features, pca_dim=pca_dim, whiten=whiten, pca_sample_size=pca_sample_size,
                            seed=seed)
   for start, stop in _row_chunks(projected.shape[0], projected.shape[1]):
-    chunk = projected[start:stop]
-    norms = np.linalg.norm(chunk, axis=1, keepdims=True)
-    chunk /= np.maximum(norms, np.finfo(np.float32).tiny)
+    _normalise_in_place(projected[start:stop])
   return projected
 
 
@@ -182,8 +180,7 @@ def normalise_rows(features) -> np.ndarray:
   all_equal = True
   for start, stop in _row_chunks(num_examples, dim):
     rows = _float32_rows(features, slice(start, stop), f" in rows [{start}, {stop})")
-    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-    normalised[start:stop] = rows
+    normalised[start:stop] = _normalise_in_place(rows)
     all_equal = all_equal and bool(np.all(rows == normalised[0]))
   if all_equal and num_examples > 1:
     raise ValueError("features: every row is the same after L2 normalisation; K-means needs rows that "
@@ -354,6 +351,12 @@ def _check_int(name, value, *, minimum, maximum=None):
       or (maximum is not None and value > maximum)):
     allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+
+
+def _normalise_in_place(rows):
+  """float32 rows [n, d], each scaled to unit L2 norm in place (a zero row stays zero); returns rows."""
+  rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+  return rows
 
 
 def _row_chunks(num_rows, dim):
