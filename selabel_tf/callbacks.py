@@ -120,7 +120,18 @@ class SelfLabelCallback(keras.callbacks.Callback):
       a row per cluster, its most confident images by the head's probability of its new label; K-means
       labels in index order) of the first `sheet_clusters` clusters.
     sheet_clusters: how many clusters the TensorBoard sheets show.
+    class_labels: int [N], the true class of each example in index order, where known (None: not
+      known). A diagnostic only, never read by the labellers: each labelling then adds the NMI and ARI
+      of every relabelled head's new labels against these classes to its metrics, the console line,
+      TensorBoard ("selabel_nmi/head_t", "selabel_ari/head_t") and `labelling_records`, so that a run
+      shows which labelling gains or loses the clusters.
     verbose: 0 silent, 1 progress bars for the label pass.
+
+  Attributes:
+    labelling_records: one dict per labelling run by this callback object (not those before a
+      restart): "labelling" (1-based count of the run's labellings), "step", "labeller", "heads",
+      "seconds", "changed" (the fraction of each relabelled head's labels that changed), and with
+      `class_labels` "nmi" and "ari" (one per relabelled head, in the order of "heads").
   """
 
   def __init__(self,
@@ -149,6 +160,7 @@ class SelfLabelCallback(keras.callbacks.Callback):
                log_dir: Optional[str] = None,
                sheet_images: Optional[np.ndarray] = None,
                sheet_clusters: int = 8,
+               class_labels: Optional[np.ndarray] = None,
                verbose: int = 1):
     super().__init__()
     if num_passes < 1:
@@ -223,6 +235,16 @@ class SelfLabelCallback(keras.callbacks.Callback):
                        f"num_examples={self.num_examples}")
     self.sheet_images = sheet_images
     self.sheet_clusters = int(sheet_clusters)
+    self.class_labels = None
+    if class_labels is not None:
+      class_labels = np.asarray(class_labels)
+      if (class_labels.shape != (self.num_examples,) or not np.issubdtype(class_labels.dtype, np.integer)
+          or (class_labels.size and class_labels.min() < 0)):
+        raise ValueError(f"SelfLabelCallback: class_labels must be non-negative ints of shape "
+                         f"({self.num_examples},) (num_examples), got {class_labels.dtype} "
+                         f"{class_labels.shape}")
+      self.class_labels = class_labels
+    self.labelling_records = []
 
   @classmethod
   def with_schedule(cls, label_pass, num_examples, lam, *, total_steps, num_labellings,
@@ -459,14 +481,26 @@ class SelfLabelCallback(keras.callbacks.Callback):
         "selabel_smallest_cluster": float(min(s.min() for s in sizes)),
         "selabel_largest_cluster": float(max(s.max() for s in sizes)),
     }
-    self.last_metrics = metrics
     step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+    record = {"labelling": self.state.labellings_done(), "step": step, "labeller": labeller,
+              "heads": list(heads), "seconds": seconds,
+              "changed": [float(np.mean(labels[t] != previous[t])) for t in heads]}
+    truth_log = ""
+    if self.class_labels is not None:
+      from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
+      record["nmi"] = [float(sk_metrics.normalized_mutual_info_score(self.class_labels, labels[t]))
+                       for t in heads]
+      record["ari"] = [float(sk_metrics.adjusted_rand_score(self.class_labels, labels[t])) for t in heads]
+      truth_log = (f", against the classes NMI {np.round(record['nmi'], 3).tolist()} ARI "
+                   f"{np.round(record['ari'], 3).tolist()}")
+    self.labelling_records.append(record)
+    self.last_metrics = metrics
     logger.info(
         "self-labelling %d (%s, heads %s) at step %d: %.1f s (pass %.1f s), %s, labels changed per head "
-        "%s, cluster sizes %d..%d",
+        "%s, cluster sizes %d..%d%s",
         self.state.labellings_done(), labeller, heads, step, seconds,
         pass_seconds, solver_log, np.round(np.mean(labels != previous, axis=1), 4).tolist(),
-        metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"])
+        metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"], truth_log)
     if self._writer is not None:
       with self._writer.as_default():
         for name, value in metrics.items():
@@ -474,6 +508,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
         for t in range(labels.shape[0]):
           tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(labels[t] != previous[t])),
                             step=step)
+        for key in ("nmi", "ari"):
+          for t, value in zip(heads, record.get(key, ())):
+            tf.summary.scalar(f"selabel_{key}/head_{t}", value, step=step)
         if self.sheet_images is not None:
           self._log_sheets(labels, heads, None if labeller == "kmeans" or isinstance(
               pass_outputs, ShardedLabelPass) else pass_outputs, step)

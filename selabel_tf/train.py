@@ -11,6 +11,7 @@ It writes a run directory:
   final.weights.h5      the trained model's weights
   (--export_dir)        a SavedModel of it, for TF programs without selabel_tf (see selabel_tf.export)
   metrics.json          final metrics: loss, labelling statistics, NMI/ARI against the ground truth
+                        (of the final labels, and of each labelling this process ran: "labellings")
 """
 
 import dataclasses
@@ -691,7 +692,9 @@ def build_callbacks(config: TrainConfig, inputs: RunInputs, model: SelaModel, la
       feature_dir=config.label_feature_dir or None,
       matmul_dtype=config.label_matmul_dtype, label_sharding=config.label_sharding,
       log_dir=os.path.join(tensorboard_dir, "selabel") if chief else None,
-      sheet_images=None if inputs.dataset.streamed else inputs.dataset.images, verbose=0)
+      sheet_images=None if inputs.dataset.streamed else inputs.dataset.images,
+      # The NMI/ARI of each labelling against the classes, where known (a diagnostic; never trained on).
+      class_labels=None if inputs.truth is None else inputs.truth.labels, verbose=0)
   evaluation = []
   if inputs.evaluation is not None:
     evaluation = suite.build_callbacks(inputs.evaluation, evaluation_options(config),
@@ -747,6 +750,8 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
     from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
     metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]
     metrics["ari"] = [float(sk_metrics.adjusted_rand_score(inputs.truth.labels, l)) for l in labels]
+  if self_label.labelling_records:
+    metrics["labellings"] = self_label.labelling_records  # this process's (not those before a resume)
   return metrics
 
 

@@ -1,6 +1,7 @@
 """SelfLabelCallback: the cold-start labelling and the label pass on a twin model."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -303,3 +304,69 @@ def test_features_store_needs_one_pass_and_linear_heads():
                                              label_store="features")
   with pytest.raises(ValueError, match=r"needs a model with features\(images\) and linear_heads\(\)"):
     callback.set_model(_flat_model(2))
+
+
+def _nmi_float64(classes, clusters):
+  """NMI with the arithmetic-mean normalisation (scikit-learn's default), in numpy float64."""
+  joint = np.zeros((classes.max() + 1, clusters.max() + 1))
+  np.add.at(joint, (classes, clusters), 1.0)
+  joint /= joint.sum()
+  p, q = joint.sum(axis=1), joint.sum(axis=0)
+  nonzero = joint > 0
+  mutual = np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(p, q)[nonzero]))
+  entropy = lambda d: -np.sum(d[d > 0] * np.log(d[d > 0]))
+  return mutual / ((entropy(p) + entropy(q)) / 2)
+
+
+def test_class_labels_record_each_labellings_nmi_of_the_relabelled_heads_and_change_no_label(tmp_path):
+  images = np.random.default_rng(0).normal(size=(300,) + SHAPE).astype(np.float32)
+  classes = np.random.default_rng(1).integers(0, 4, size=300)
+  labels_by_run = []
+  for class_labels in (None, classes):
+    keras.utils.set_random_seed(0)
+    model = SelaModel("alexnet_small", SHAPE, (4, 5, 6), 300, name="sela")
+    model.build()
+    model.compile_for_self_labelling(keras.optimizers.SGD(0.1))
+    _perturb(model)
+    callback = callbacks_lib.SelfLabelCallback(
+        _indexed(images, 64), 300, 10.0, steps=[0], verbose=0, relabel_heads="cyclic",
+        log_dir=str(tmp_path) if class_labels is not None else None, class_labels=class_labels)
+    callback.set_model(model)
+    initial = model.label_state.current_labels()
+    runs = []
+    for m in range(4):
+      callback.relabel()
+      runs.append(model.label_state.current_labels())
+    labels_by_run.append(runs)
+  np.testing.assert_array_equal(labels_by_run[0], labels_by_run[1])  # never read by the labeller
+  records = callback.labelling_records
+  assert [(r["labelling"], r["heads"], r["labeller"]) for r in records] == [
+      (1, [0], "sinkhorn"), (2, [1], "sinkhorn"), (3, [2], "sinkhorn"), (4, [0], "sinkhorn")]
+  logged = {}
+  for path in sorted(tmp_path.iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag.startswith(("selabel_nmi/", "selabel_ari/")):
+          logged.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  for m, record in enumerate(records):
+    head = m % 3
+    expected_nmi = _nmi_float64(classes, labels_by_run[1][m][head])
+    assert record["nmi"] == [pytest.approx(expected_nmi, abs=1e-12)]
+    assert record["ari"] == [pytest.approx(metrics.adjusted_rand_score(classes, labels_by_run[1][m][head]))]
+    previous = labels_by_run[1][m - 1][head] if m else initial[head]
+    assert record["changed"] == [pytest.approx(np.mean(labels_by_run[1][m][head] != previous))]
+    assert (record["changed"][0] > 0) == (m < 3)  # from the random start; then the same weights again
+  assert logged["selabel_nmi/head_0"] == pytest.approx([records[0]["nmi"][0], records[3]["nmi"][0]])
+  assert logged["selabel_nmi/head_1"] == pytest.approx(records[1]["nmi"])
+  assert logged["selabel_ari/head_2"] == pytest.approx(records[2]["ari"])
+
+
+@pytest.mark.parametrize("class_labels, shown", [
+    (np.zeros(3, np.int64), "int64 (3,)"), (np.zeros(4, np.float32), "float32 (4,)"),
+    (np.array([0, 1, -1, 2]), "int64 (4,)")])
+def test_class_labels_must_be_one_non_negative_int_per_example(class_labels, shown):
+  with pytest.raises(ValueError, match=r"class_labels must be non-negative ints of shape \(4,\) "
+                                       rf"\(num_examples\), got {re.escape(shown)}"):
+    callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
+                                    num_clusters=(2,), class_labels=class_labels)

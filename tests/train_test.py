@@ -449,6 +449,12 @@ def test_a_run_writes_a_complete_run_dir_with_its_evaluation(finished_run):
   assert not missing, missing
   assert metrics["probe_best_layer"] in layers
   assert metrics["cluster_selabel/head_0/nmi"] == pytest.approx(metrics["nmi"][0])
+  # Each labelling's record (--nopts=2: at steps 0 and 6 of 12), its NMI against the classes; the last
+  # relabelled every head, so its figures are the final labels'.
+  records = metrics["labellings"]
+  assert [(r["labelling"], r["step"], r["labeller"], r["heads"]) for r in records] == [
+      (1, 0, "kmeans", [0, 1]), (2, 6, "sinkhorn", [0, 1])]
+  assert records[-1]["nmi"] == pytest.approx(metrics["nmi"]) and records[-1]["ari"] == pytest.approx(metrics["ari"])
   for key in expected[:2]:
     assert 0 <= metrics[key] <= 1
 
