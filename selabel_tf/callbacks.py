@@ -122,9 +122,9 @@ class SelfLabelCallback(keras.callbacks.Callback):
     sheet_clusters: how many clusters the TensorBoard sheets show.
     class_labels: int [N], the true class of each example in index order, where known (None: not
       known). A diagnostic only, never read by the labellers: each labelling then adds the NMI and ARI
-      of every relabelled head's new labels against these classes to its metrics, the console line,
-      TensorBoard ("selabel_nmi/head_t", "selabel_ari/head_t") and `labelling_records`, so that a run
-      shows which labelling gains or loses the clusters.
+      of every relabelled head's new labels against these classes to its line of this module's logger
+      (INFO), to TensorBoard ("selabel_nmi/head_t", "selabel_ari/head_t") and to `labelling_records`,
+      so that a run shows which labelling gains or loses the clusters.
     verbose: 0 silent, 1 progress bars for the label pass.
 
   Attributes:
@@ -240,9 +240,11 @@ class SelfLabelCallback(keras.callbacks.Callback):
       class_labels = np.asarray(class_labels)
       if (class_labels.shape != (self.num_examples,) or not np.issubdtype(class_labels.dtype, np.integer)
           or (class_labels.size and class_labels.min() < 0)):
+        minimum = (f", minimum {class_labels.min()}" if class_labels.size
+                   and np.issubdtype(class_labels.dtype, np.number) else "")
         raise ValueError(f"SelfLabelCallback: class_labels must be non-negative ints of shape "
                          f"({self.num_examples},) (num_examples), got {class_labels.dtype} "
-                         f"{class_labels.shape}")
+                         f"{class_labels.shape}{minimum}")
       self.class_labels = class_labels
     self.labelling_records = []
 
@@ -487,10 +489,10 @@ class SelfLabelCallback(keras.callbacks.Callback):
               "changed": [float(np.mean(labels[t] != previous[t])) for t in heads]}
     truth_log = ""
     if self.class_labels is not None:
-      from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
-      record["nmi"] = [float(sk_metrics.normalized_mutual_info_score(self.class_labels, labels[t]))
-                       for t in heads]
-      record["ari"] = [float(sk_metrics.adjusted_rand_score(self.class_labels, labels[t])) for t in heads]
+      from selabel_tf.evaluation import cluster_metrics  # pylint: disable=g-import-not-at-top
+      agreement = [cluster_metrics.nmi_ari(labels[t], self.class_labels) for t in heads]
+      record["nmi"] = [a["nmi"] for a in agreement]
+      record["ari"] = [a["ari"] for a in agreement]
       truth_log = (f", against the classes NMI {np.round(record['nmi'], 3).tolist()} ARI "
                    f"{np.round(record['ari'], 3).tolist()}")
     self.labelling_records.append(record)

@@ -38,6 +38,7 @@ from selabel_tf.data import augment
 from selabel_tf.data import pipeline
 from selabel_tf.data import sources
 from selabel_tf.evaluation import callbacks as eval_callbacks
+from selabel_tf.evaluation import cluster_metrics
 from selabel_tf.evaluation import probes as probes_lib
 from selabel_tf.evaluation import suite
 from selabel_tf.modeling import backbones
@@ -467,7 +468,7 @@ def run(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None,
       if config.export_dir:
         from selabel_tf import export  # pylint: disable=g-import-not-at-top
         export.export_run_dir(config.run_dir, config.export_dir, data=(inputs.dataset, inputs.truth))
-    logger.info("run finished: %s", json.dumps(metrics))
+    logger.info("run finished: %s", json.dumps({k: v for k, v in metrics.items() if k != "labellings"}))
     return metrics
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
@@ -747,11 +748,11 @@ def collect_metrics(config, inputs: RunInputs, model, history, seconds, self_lab
     weights.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
   metrics["weights_sha256"] = weights.hexdigest()
   if inputs.truth is not None and not config.supervised:  # supervised: the labels are the truth
-    from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
-    metrics["nmi"] = [float(sk_metrics.normalized_mutual_info_score(inputs.truth.labels, l)) for l in labels]
-    metrics["ari"] = [float(sk_metrics.adjusted_rand_score(inputs.truth.labels, l)) for l in labels]
-  if self_label.labelling_records:
-    metrics["labellings"] = self_label.labelling_records  # this process's (not those before a resume)
+    agreement = [cluster_metrics.nmi_ari(l, inputs.truth.labels) for l in labels]
+    metrics["nmi"] = [a["nmi"] for a in agreement]
+    metrics["ari"] = [a["ari"] for a in agreement]
+  if len(self_label.steps):  # this process's records: a resumed run's TensorBoard keeps the earlier ones
+    metrics["labellings"] = self_label.labelling_records
   return metrics
 
 

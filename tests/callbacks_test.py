@@ -332,6 +332,8 @@ def test_class_labels_record_each_labellings_nmi_of_the_relabelled_heads_and_cha
         _indexed(images, 64), 300, 10.0, steps=[0], verbose=0, relabel_heads="cyclic",
         log_dir=str(tmp_path) if class_labels is not None else None, class_labels=class_labels)
     callback.set_model(model)
+    if class_labels is None:
+      without_classes = callback
     initial = model.label_state.current_labels()
     runs = []
     for m in range(4):
@@ -339,6 +341,8 @@ def test_class_labels_record_each_labellings_nmi_of_the_relabelled_heads_and_cha
       runs.append(model.label_state.current_labels())
     labels_by_run.append(runs)
   np.testing.assert_array_equal(labels_by_run[0], labels_by_run[1])  # never read by the labeller
+  assert [sorted(r) for r in without_classes.labelling_records] == [
+      ["changed", "heads", "labeller", "labelling", "seconds", "step"]] * 4
   records = callback.labelling_records
   assert [(r["labelling"], r["heads"], r["labeller"]) for r in records] == [
       (1, [0], "sinkhorn"), (2, [1], "sinkhorn"), (3, [2], "sinkhorn"), (4, [0], "sinkhorn")]
@@ -363,10 +367,17 @@ def test_class_labels_record_each_labellings_nmi_of_the_relabelled_heads_and_cha
 
 
 @pytest.mark.parametrize("class_labels, shown", [
-    (np.zeros(3, np.int64), "int64 (3,)"), (np.zeros(4, np.float32), "float32 (4,)"),
-    (np.array([0, 1, -1, 2]), "int64 (4,)")])
+    (np.zeros(3, np.int64), "int64 (3,), minimum 0"), (np.zeros(4, np.float32), "float32 (4,), minimum 0.0"),
+    (np.array([0, 1, -1, 2]), "int64 (4,), minimum -1"), (np.array(["a"] * 4), "<U1 (4,)")])
 def test_class_labels_must_be_one_non_negative_int_per_example(class_labels, shown):
   with pytest.raises(ValueError, match=r"class_labels must be non-negative ints of shape \(4,\) "
                                        rf"\(num_examples\), got {re.escape(shown)}"):
     callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0, steps=[0],
                                     num_clusters=(2,), class_labels=class_labels)
+
+
+def test_class_labels_take_a_list_or_any_int_dtype():
+  for class_labels in ([0, 1, 1, 0], np.array([0, 1, 1, 0], np.int32), np.array([0, 1, 1, 0], np.uint8)):
+    callback = callbacks_lib.SelfLabelCallback(_indexed(np.zeros((4,) + SHAPE, np.float32)), 4, 10.0,
+                                               steps=[0], num_clusters=(2,), class_labels=class_labels)
+    np.testing.assert_array_equal(callback.class_labels, [0, 1, 1, 0])

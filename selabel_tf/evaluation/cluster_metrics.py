@@ -60,10 +60,11 @@ def cluster_metrics(cluster_labels, class_labels, *,
 
   sizes = counts.sum(axis=1)
   size_entropy = float(stats.entropy(sizes))
+  agreement = nmi_ari(cluster_labels, class_labels)
   results = {
-      "nmi": float(metrics.normalized_mutual_info_score(class_labels, cluster_labels)),
+      "nmi": agreement["nmi"],
       "adjusted_nmi": float(metrics.adjusted_mutual_info_score(class_labels, cluster_labels)),
-      "ari": float(metrics.adjusted_rand_score(class_labels, cluster_labels)),
+      "ari": agreement["ari"],
       "hungarian_accuracy": _hungarian_accuracy(counts),
   }
   if num_clusters > num_classes:
@@ -75,6 +76,17 @@ def cluster_metrics(cluster_labels, class_labels, *,
       "size_entropy_normalized": size_entropy / np.log(num_clusters) if num_clusters > 1 else 1.0,
   })
   return results
+
+
+def nmi_ari(cluster_labels, class_labels) -> Dict[str, float]:
+  """{"nmi", "ari"}: `cluster_metrics`' two cheapest agreement scores alone (e.g. at every labelling).
+
+  Raises:
+    ValueError: as `cluster_metrics`.
+  """
+  cluster_labels, class_labels = _check_labels(cluster_labels, class_labels)
+  return {"nmi": float(metrics.normalized_mutual_info_score(class_labels, cluster_labels)),
+          "ari": float(metrics.adjusted_rand_score(class_labels, cluster_labels))}
 
 
 def hungarian_accuracy(cluster_labels, class_labels) -> float:
