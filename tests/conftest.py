@@ -5,6 +5,8 @@ initialises), so they are module-level statements here: pytest imports conftest.
 module.
 """
 
+import contextlib
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,3 +56,27 @@ def mixed_bfloat16():
     yield
   finally:
     keras.config.set_dtype_policy(previous)
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+  """benchmarks/<name>.py as a module; the absl flags it defines are removed afterwards (absl's FLAGS is
+  process-wide)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  before = set(flags.FLAGS)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)
+
+
+@pytest.fixture
+def load_benchmark():
+  """load_benchmark(name) -> benchmarks/<name>.py as a module, its flags removed after the test."""
+  with contextlib.ExitStack() as stack:
+    yield lambda name: stack.enter_context(benchmark_module(name))

@@ -1,7 +1,6 @@
 """benchmarks/quality.py reads the flagfile under test as bin/train does (the pixel row's data, Table 8)."""
 
 import dataclasses
-import importlib.util
 import os
 
 from absl import flags
@@ -13,18 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def quality():
-  """benchmarks/quality.py as a module; the flags it defines are removed afterwards (absl's FLAGS is
-  process-wide)."""
-  before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    yield module
-  finally:
-    for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
+def quality(load_benchmark):
+  """benchmarks/quality.py as a module (its flags removed afterwards)."""
+  return load_benchmark("quality")
 
 
 def test_config_of_follows_nested_flagfiles_and_extra_flags(quality, tmp_path):

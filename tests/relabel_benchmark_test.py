@@ -1,6 +1,5 @@
 """benchmarks/relabel_run.py: every labeller on a finished run's network, scored against the classes."""
 
-import importlib.util
 import json
 import os
 
@@ -13,18 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def relabel_run():
-  """The benchmark as a module; the flags it defines are removed afterwards (absl's FLAGS is process-wide)."""
-  before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location("relabel_run", os.path.join(ROOT, "benchmarks", "relabel_run.py"))
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    yield module
-  finally:
-    for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
-    flags.FLAGS.unparse_flags()
+def relabel_run(load_benchmark):
+  """benchmarks/relabel_run.py as a module (its flags removed afterwards)."""
+  return load_benchmark("relabel_run")
 
 
 def test_scores_the_saved_labels_the_argmax_sinkhorn_and_kmeans(relabel_run, make_npz, tmp_path, capsys):
