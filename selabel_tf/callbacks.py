@@ -475,18 +475,19 @@ class SelfLabelCallback(keras.callbacks.Callback):
     self.state.assign(labels, log_alpha, heads=heads)
     seconds = time.perf_counter() - start
     sizes = [np.bincount(labels[t], minlength=self.state.num_clusters[t]) for t in heads]
+    changed = np.mean(labels != previous, axis=1)  # per head (every head has N labels)
     metrics = {
         **solver_metrics,
         "selabel_seconds": seconds,
         "selabel_pass_seconds": pass_seconds,
-        "selabel_changed": float(np.mean(labels != previous)),
+        "selabel_changed": float(np.mean(changed)),
         "selabel_smallest_cluster": float(min(s.min() for s in sizes)),
         "selabel_largest_cluster": float(max(s.max() for s in sizes)),
     }
     step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
     record = {"labelling": self.state.labellings_done(), "step": step, "labeller": labeller,
               "heads": list(heads), "seconds": seconds,
-              "changed": [float(np.mean(labels[t] != previous[t])) for t in heads]}
+              "changed": [float(changed[t]) for t in heads]}
     truth_log = ""
     if self.class_labels is not None:
       from selabel_tf.evaluation import cluster_metrics  # pylint: disable=g-import-not-at-top
@@ -501,15 +502,14 @@ class SelfLabelCallback(keras.callbacks.Callback):
         "self-labelling %d (%s, heads %s) at step %d: %.1f s (pass %.1f s), %s, labels changed per head "
         "%s, cluster sizes %d..%d%s",
         self.state.labellings_done(), labeller, heads, step, seconds,
-        pass_seconds, solver_log, np.round(np.mean(labels != previous, axis=1), 4).tolist(),
+        pass_seconds, solver_log, np.round(changed, 4).tolist(),
         metrics["selabel_smallest_cluster"], metrics["selabel_largest_cluster"], truth_log)
     if self._writer is not None:
       with self._writer.as_default():
         for name, value in metrics.items():
           tf.summary.scalar(name, value, step=step)
         for t in range(labels.shape[0]):
-          tf.summary.scalar(f"selabel_changed/head_{t}", float(np.mean(labels[t] != previous[t])),
-                            step=step)
+          tf.summary.scalar(f"selabel_changed/head_{t}", float(changed[t]), step=step)
         for key in ("nmi", "ari"):
           for t, value in zip(heads, record.get(key, ())):
             tf.summary.scalar(f"selabel_{key}/head_{t}", value, step=step)
